@@ -1,0 +1,175 @@
+// The C API: converts C views to C++ ones and exceptions to status codes.
+#include "moba/moba.h"
+
+#include <exception>
+#include <new>
+#include <string>
+
+#include "moba/moba.hpp"
+
+namespace {
+
+thread_local std::string last_error;
+
+moba_status remember(moba_status status, const char* message) {
+  last_error = message;
+  return status;
+}
+
+// Runs fn, turning every exception into a status and a message.
+template <class Fn>
+moba_status guarded(Fn&& fn) noexcept {
+  try {
+    last_error.clear();
+    fn();
+    return MOBA_OK;
+  } catch (const moba::Error& e) {
+    return remember(static_cast<moba_status>(e.status()), e.what());
+  } catch (const std::bad_alloc&) {
+    return remember(MOBA_ERROR_OUT_OF_MEMORY, "moba: out of memory");
+  } catch (const std::exception& e) {
+    return remember(MOBA_ERROR_INTERNAL, e.what());
+  } catch (...) {
+    return remember(MOBA_ERROR_INTERNAL, "moba: unknown error");
+  }
+}
+
+void require(const void* p, const char* name) {
+  if (p == nullptr) throw moba::Error(moba::Status::invalid_argument, std::string("moba: ") + name + ": null pointer");
+}
+
+moba::TensorView to_view(const moba_tensor& t, const char* name) {
+  if (t.dtype < MOBA_FLOAT32 || t.dtype > MOBA_INT32)
+    throw moba::Error(moba::Status::invalid_argument, std::string("moba: ") + name + ": unknown dtype " + std::to_string(t.dtype));
+  if (t.ndim < 0 || t.ndim > MOBA_MAX_DIMS)
+    throw moba::Error(moba::Status::invalid_argument, std::string("moba: ") + name + ": ndim " + std::to_string(t.ndim) + " outside [0, 4]");
+  if (t.device_type != MOBA_DEVICE_CPU && t.device_type != MOBA_DEVICE_CUDA)
+    throw moba::Error(moba::Status::invalid_argument, std::string("moba: ") + name + ": unknown device type");
+  moba::TensorView v;
+  v.data = t.data;
+  v.dtype = static_cast<moba::DType>(t.dtype);
+  v.ndim = t.ndim;
+  for (int i = 0; i < t.ndim; ++i) {
+    v.shape[static_cast<size_t>(i)] = t.shape[i];
+    v.strides[static_cast<size_t>(i)] = t.strides[i];
+  }
+  v.device = moba::Device{static_cast<moba::DeviceType>(t.device_type), t.device_index};
+  return v;
+}
+
+moba::TensorView to_view(const moba_tensor* t, const char* name) {
+  require(t, name);
+  return to_view(*t, name);
+}
+
+moba::Inputs to_inputs(const moba_inputs* in) {
+  require(in, "inputs");
+  moba::Inputs out;
+  out.q = to_view(in->q, "q");
+  out.k = to_view(in->k, "k");
+  out.v = to_view(in->v, "v");
+  out.cu_seqlens_q = to_view(in->cu_seqlens_q, "cu_seqlens_q");
+  out.cu_seqlens_k = to_view(in->cu_seqlens_k, "cu_seqlens_k");
+  out.max_seqlen_q = in->max_seqlen_q;
+  out.max_seqlen_k = in->max_seqlen_k;
+  return out;
+}
+
+moba::Config to_config(const moba_config* c) {
+  require(c, "config");
+  moba::Config out;
+  out.block_size = c->block_size;
+  out.top_k = c->top_k;
+  if (c->softmax_scale > 0.0f) out.softmax_scale = c->softmax_scale;
+  out.gqa_shared_routing = c->gqa_shared_routing != 0;
+  return out;
+}
+
+moba::ExecOptions to_options(const moba_options* o) {
+  moba::ExecOptions out;
+  if (o == nullptr) return out;
+  if (o->backend < MOBA_BACKEND_AUTO || o->backend > MOBA_BACKEND_CUDA)
+    throw moba::Error(moba::Status::invalid_argument, "moba: options.backend: unknown backend " + std::to_string(o->backend));
+  if (o->num_threads < 0)
+    throw moba::Error(moba::Status::invalid_argument, "moba: options.num_threads: expected >= 0, got " + std::to_string(o->num_threads));
+  out.backend = static_cast<moba::Backend>(o->backend);
+  out.num_threads = o->num_threads;
+  out.stream = o->stream;
+  out.deterministic = o->deterministic != 0;
+  return out;
+}
+
+}  // namespace
+
+extern "C" {
+
+moba_tensor moba_tensor_contiguous(void* data, moba_dtype dtype, int32_t ndim, const int64_t* shape) {
+  moba_tensor t{};
+  t.data = data;
+  t.dtype = dtype;
+  t.ndim = (ndim < 0 || ndim > MOBA_MAX_DIMS || shape == nullptr) ? 0 : ndim;
+  int64_t stride = 1;
+  for (int32_t d = t.ndim - 1; d >= 0; --d) {
+    t.shape[d] = shape[d];
+    t.strides[d] = stride;
+    stride *= shape[d];
+  }
+  t.device_type = MOBA_DEVICE_CPU;
+  t.device_index = 0;
+  return t;
+}
+
+moba_options moba_default_options(void) { return moba_options{MOBA_BACKEND_AUTO, 0, nullptr, 0}; }
+
+moba_status moba_forward(const moba_inputs* inputs, const moba_config* config, const moba_tensor* out,
+                         const moba_tensor* lse, const moba_options* options) {
+  return guarded([&] {
+    moba::TensorView lse_view;
+    if (lse != nullptr) lse_view = to_view(*lse, "lse");
+    moba::forward(to_inputs(inputs), to_config(config), to_view(out, "out"), lse_view, to_options(options));
+  });
+}
+
+moba_status moba_backward(const moba_inputs* inputs, const moba_config* config, const moba_tensor* out,
+                          const moba_tensor* dout, const moba_tensor* lse, const moba_tensor* dq,
+                          const moba_tensor* dk, const moba_tensor* dv, const moba_options* options) {
+  return guarded([&] {
+    moba::backward(to_inputs(inputs), to_config(config), to_view(out, "out"), to_view(dout, "dout"), to_view(lse, "lse"),
+                   to_view(dq, "dq"), to_view(dk, "dk"), to_view(dv, "dv"), to_options(options));
+  });
+}
+
+moba_status moba_routing(const moba_inputs* inputs, const moba_config* config, const moba_tensor* selected,
+                         const moba_options* options) {
+  return guarded([&] { moba::routing(to_inputs(inputs), to_config(config), to_view(selected, "selected"), to_options(options)); });
+}
+
+moba_status moba_routing_width(int64_t max_seqlen_k, const moba_config* config, int64_t* width) {
+  return guarded([&] {
+    require(width, "width");
+    *width = moba::routing_width(max_seqlen_k, to_config(config));
+  });
+}
+
+int moba_backend_available(moba_backend backend) {
+  if (backend < MOBA_BACKEND_AUTO || backend > MOBA_BACKEND_CUDA) return 0;
+  return moba::backend_available(static_cast<moba::Backend>(backend)) ? 1 : 0;
+}
+
+const char* moba_last_error(void) { return last_error.c_str(); }
+
+const char* moba_status_string(moba_status status) {
+  switch (status) {
+    case MOBA_OK: return "ok";
+    case MOBA_ERROR_INVALID_ARGUMENT: return "invalid argument";
+    case MOBA_ERROR_UNSUPPORTED: return "unsupported";
+    case MOBA_ERROR_BACKEND_UNAVAILABLE: return "backend unavailable";
+    case MOBA_ERROR_OUT_OF_MEMORY: return "out of memory";
+    case MOBA_ERROR_INTERNAL: return "internal error";
+  }
+  return "unknown status";
+}
+
+const char* moba_version(void) { return moba::version(); }
+
+}  // extern "C"
