@@ -83,26 +83,29 @@ typedef struct moba_options {
 } moba_options;
 
 /* Fills a contiguous row-major view of `shape` (ndim <= 4) on the host. */
-moba_tensor moba_tensor_contiguous(void* data, moba_dtype dtype, int32_t ndim, const int64_t* shape);
+moba_tensor moba_tensor_contiguous(void* data, moba_dtype dtype, int32_t ndim,
+                                   const int64_t* shape);
 
 /* Default options: automatic backend, all threads, default stream. */
 moba_options moba_default_options(void);
 
 /* Forward: out [total_q, Hq, D] (dtype of q); lse [Hq, total_q] float32 or
  * NULL. options may be NULL. */
-moba_status moba_forward(const moba_inputs* inputs, const moba_config* config, const moba_tensor* out,
-                         const moba_tensor* lse, const moba_options* options);
+moba_status moba_forward(const moba_inputs* inputs, const moba_config* config,
+                         const moba_tensor* out, const moba_tensor* lse,
+                         const moba_options* options);
 
 /* Backward: writes dq [total_q, Hq, D], dk and dv [total_k, Hkv, D] from
  * out, dout and lse (as written by moba_forward). options may be NULL. */
-moba_status moba_backward(const moba_inputs* inputs, const moba_config* config, const moba_tensor* out,
-                          const moba_tensor* dout, const moba_tensor* lse, const moba_tensor* dq,
-                          const moba_tensor* dk, const moba_tensor* dv, const moba_options* options);
+moba_status moba_backward(const moba_inputs* inputs, const moba_config* config,
+                          const moba_tensor* out, const moba_tensor* dout, const moba_tensor* lse,
+                          const moba_tensor* dq, const moba_tensor* dk, const moba_tensor* dv,
+                          const moba_options* options);
 
 /* Routing: selected [total_q, Hq, W] int32, W >= moba_routing_width(...);
  * ascending block indices, padded with -1. options may be NULL. */
-moba_status moba_routing(const moba_inputs* inputs, const moba_config* config, const moba_tensor* selected,
-                         const moba_options* options);
+moba_status moba_routing(const moba_inputs* inputs, const moba_config* config,
+                         const moba_tensor* selected, const moba_options* options);
 
 /* The smallest routing width W for the longest key sequence, in *width. */
 moba_status moba_routing_width(int64_t max_seqlen_k, const moba_config* config, int64_t* width);

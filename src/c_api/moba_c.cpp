@@ -35,16 +35,22 @@ moba_status guarded(Fn&& fn) noexcept {
 }
 
 void require(const void* p, const char* name) {
-  if (p == nullptr) throw moba::Error(moba::Status::invalid_argument, std::string("moba: ") + name + ": null pointer");
+  if (p == nullptr)
+    throw moba::Error(moba::Status::invalid_argument,
+                      std::string("moba: ") + name + ": null pointer");
 }
 
 moba::TensorView to_view(const moba_tensor& t, const char* name) {
   if (t.dtype < MOBA_FLOAT32 || t.dtype > MOBA_INT32)
-    throw moba::Error(moba::Status::invalid_argument, std::string("moba: ") + name + ": unknown dtype " + std::to_string(t.dtype));
+    throw moba::Error(moba::Status::invalid_argument,
+                      std::string("moba: ") + name + ": unknown dtype " + std::to_string(t.dtype));
   if (t.ndim < 0 || t.ndim > MOBA_MAX_DIMS)
-    throw moba::Error(moba::Status::invalid_argument, std::string("moba: ") + name + ": ndim " + std::to_string(t.ndim) + " outside [0, 4]");
+    throw moba::Error(
+        moba::Status::invalid_argument,
+        std::string("moba: ") + name + ": ndim " + std::to_string(t.ndim) + " outside [0, 4]");
   if (t.device_type != MOBA_DEVICE_CPU && t.device_type != MOBA_DEVICE_CUDA)
-    throw moba::Error(moba::Status::invalid_argument, std::string("moba: ") + name + ": unknown device type");
+    throw moba::Error(moba::Status::invalid_argument,
+                      std::string("moba: ") + name + ": unknown device type");
   moba::TensorView v;
   v.data = t.data;
   v.dtype = static_cast<moba::DType>(t.dtype);
@@ -89,9 +95,12 @@ moba::ExecOptions to_options(const moba_options* o) {
   moba::ExecOptions out;
   if (o == nullptr) return out;
   if (o->backend < MOBA_BACKEND_AUTO || o->backend > MOBA_BACKEND_CUDA)
-    throw moba::Error(moba::Status::invalid_argument, "moba: options.backend: unknown backend " + std::to_string(o->backend));
+    throw moba::Error(moba::Status::invalid_argument,
+                      "moba: options.backend: unknown backend " + std::to_string(o->backend));
   if (o->num_threads < 0)
-    throw moba::Error(moba::Status::invalid_argument, "moba: options.num_threads: expected >= 0, got " + std::to_string(o->num_threads));
+    throw moba::Error(
+        moba::Status::invalid_argument,
+        "moba: options.num_threads: expected >= 0, got " + std::to_string(o->num_threads));
   out.backend = static_cast<moba::Backend>(o->backend);
   out.num_threads = o->num_threads;
   out.stream = o->stream;
@@ -103,7 +112,8 @@ moba::ExecOptions to_options(const moba_options* o) {
 
 extern "C" {
 
-moba_tensor moba_tensor_contiguous(void* data, moba_dtype dtype, int32_t ndim, const int64_t* shape) {
+moba_tensor moba_tensor_contiguous(void* data, moba_dtype dtype, int32_t ndim,
+                                   const int64_t* shape) {
   moba_tensor t{};
   t.data = data;
   t.dtype = dtype;
@@ -119,29 +129,38 @@ moba_tensor moba_tensor_contiguous(void* data, moba_dtype dtype, int32_t ndim, c
   return t;
 }
 
-moba_options moba_default_options(void) { return moba_options{MOBA_BACKEND_AUTO, 0, nullptr, 0}; }
+moba_options moba_default_options(void) {
+  return moba_options{MOBA_BACKEND_AUTO, 0, nullptr, 0};
+}
 
-moba_status moba_forward(const moba_inputs* inputs, const moba_config* config, const moba_tensor* out,
-                         const moba_tensor* lse, const moba_options* options) {
+moba_status moba_forward(const moba_inputs* inputs, const moba_config* config,
+                         const moba_tensor* out, const moba_tensor* lse,
+                         const moba_options* options) {
   return guarded([&] {
     moba::TensorView lse_view;
     if (lse != nullptr) lse_view = to_view(*lse, "lse");
-    moba::forward(to_inputs(inputs), to_config(config), to_view(out, "out"), lse_view, to_options(options));
+    moba::forward(to_inputs(inputs), to_config(config), to_view(out, "out"), lse_view,
+                  to_options(options));
   });
 }
 
-moba_status moba_backward(const moba_inputs* inputs, const moba_config* config, const moba_tensor* out,
-                          const moba_tensor* dout, const moba_tensor* lse, const moba_tensor* dq,
-                          const moba_tensor* dk, const moba_tensor* dv, const moba_options* options) {
+moba_status moba_backward(const moba_inputs* inputs, const moba_config* config,
+                          const moba_tensor* out, const moba_tensor* dout, const moba_tensor* lse,
+                          const moba_tensor* dq, const moba_tensor* dk, const moba_tensor* dv,
+                          const moba_options* options) {
   return guarded([&] {
-    moba::backward(to_inputs(inputs), to_config(config), to_view(out, "out"), to_view(dout, "dout"), to_view(lse, "lse"),
-                   to_view(dq, "dq"), to_view(dk, "dk"), to_view(dv, "dv"), to_options(options));
+    moba::backward(to_inputs(inputs), to_config(config), to_view(out, "out"), to_view(dout, "dout"),
+                   to_view(lse, "lse"), to_view(dq, "dq"), to_view(dk, "dk"), to_view(dv, "dv"),
+                   to_options(options));
   });
 }
 
-moba_status moba_routing(const moba_inputs* inputs, const moba_config* config, const moba_tensor* selected,
-                         const moba_options* options) {
-  return guarded([&] { moba::routing(to_inputs(inputs), to_config(config), to_view(selected, "selected"), to_options(options)); });
+moba_status moba_routing(const moba_inputs* inputs, const moba_config* config,
+                         const moba_tensor* selected, const moba_options* options) {
+  return guarded([&] {
+    moba::routing(to_inputs(inputs), to_config(config), to_view(selected, "selected"),
+                  to_options(options));
+  });
 }
 
 moba_status moba_routing_width(int64_t max_seqlen_k, const moba_config* config, int64_t* width) {
@@ -156,20 +175,30 @@ int moba_backend_available(moba_backend backend) {
   return moba::backend_available(static_cast<moba::Backend>(backend)) ? 1 : 0;
 }
 
-const char* moba_last_error(void) { return last_error.c_str(); }
+const char* moba_last_error(void) {
+  return last_error.c_str();
+}
 
 const char* moba_status_string(moba_status status) {
   switch (status) {
-    case MOBA_OK: return "ok";
-    case MOBA_ERROR_INVALID_ARGUMENT: return "invalid argument";
-    case MOBA_ERROR_UNSUPPORTED: return "unsupported";
-    case MOBA_ERROR_BACKEND_UNAVAILABLE: return "backend unavailable";
-    case MOBA_ERROR_OUT_OF_MEMORY: return "out of memory";
-    case MOBA_ERROR_INTERNAL: return "internal error";
+    case MOBA_OK:
+      return "ok";
+    case MOBA_ERROR_INVALID_ARGUMENT:
+      return "invalid argument";
+    case MOBA_ERROR_UNSUPPORTED:
+      return "unsupported";
+    case MOBA_ERROR_BACKEND_UNAVAILABLE:
+      return "backend unavailable";
+    case MOBA_ERROR_OUT_OF_MEMORY:
+      return "out of memory";
+    case MOBA_ERROR_INTERNAL:
+      return "internal error";
   }
   return "unknown status";
 }
 
-const char* moba_version(void) { return moba::version(); }
+const char* moba_version(void) {
+  return moba::version();
+}
 
 }  // extern "C"

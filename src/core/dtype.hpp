@@ -19,7 +19,8 @@ inline float bf16_to_float(uint16_t h) noexcept {
 inline uint16_t float_to_bf16(float f) noexcept {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN
+  if ((bits & 0x7fffffffu) > 0x7f800000u)
+    return static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
 }
@@ -49,10 +50,10 @@ inline uint16_t float_to_fp16(float f) noexcept {
   std::memcpy(&bits, &f, sizeof bits);
   const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
   const uint32_t abs = bits & 0x7fffffffu;
-  if (abs > 0x7f800000u) return sign | 0x7e00u;      // NaN
-  if (abs >= 0x477ff000u) return sign | 0x7c00u;     // overflow (incl. inf) after rounding
-  if (abs < 0x38800000u) {                           // result is subnormal or zero
-    if (abs < 0x33000000u) return sign;              // below half the smallest subnormal
+  if (abs > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // overflow (incl. inf) after rounding
+  if (abs < 0x38800000u) {                        // result is subnormal or zero
+    if (abs < 0x33000000u) return sign;           // below half the smallest subnormal
     const uint32_t man = (abs & 0x7fffffu) | 0x800000u;
     const int shift = 126 - static_cast<int>(abs >> 23);  // 14 .. 24
     const uint32_t half = 1u << (shift - 1);
@@ -69,10 +70,14 @@ inline uint16_t float_to_fp16(float f) noexcept {
 /// Reads element `i` (an element offset) of a buffer of `dtype` as float.
 inline float load(const void* base, DType dtype, int64_t i) noexcept {
   switch (dtype) {
-    case DType::float16: return fp16_to_float(static_cast<const uint16_t*>(base)[i]);
-    case DType::bfloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-    case DType::int32: return static_cast<float>(static_cast<const int32_t*>(base)[i]);
-    case DType::float32: break;
+    case DType::float16:
+      return fp16_to_float(static_cast<const uint16_t*>(base)[i]);
+    case DType::bfloat16:
+      return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+    case DType::int32:
+      return static_cast<float>(static_cast<const int32_t*>(base)[i]);
+    case DType::float32:
+      break;
   }
   return static_cast<const float*>(base)[i];
 }
@@ -80,10 +85,17 @@ inline float load(const void* base, DType dtype, int64_t i) noexcept {
 /// Writes `x` rounded to `dtype` at element offset `i`.
 inline void store(void* base, DType dtype, int64_t i, float x) noexcept {
   switch (dtype) {
-    case DType::float16: static_cast<uint16_t*>(base)[i] = float_to_fp16(x); return;
-    case DType::bfloat16: static_cast<uint16_t*>(base)[i] = float_to_bf16(x); return;
-    case DType::int32: static_cast<int32_t*>(base)[i] = static_cast<int32_t>(x); return;
-    case DType::float32: break;
+    case DType::float16:
+      static_cast<uint16_t*>(base)[i] = float_to_fp16(x);
+      return;
+    case DType::bfloat16:
+      static_cast<uint16_t*>(base)[i] = float_to_bf16(x);
+      return;
+    case DType::int32:
+      static_cast<int32_t*>(base)[i] = static_cast<int32_t>(x);
+      return;
+    case DType::float32:
+      break;
   }
   static_cast<float*>(base)[i] = x;
 }
@@ -91,9 +103,12 @@ inline void store(void* base, DType dtype, int64_t i, float x) noexcept {
 /// Rounds a float to the precision of `dtype` (identity for float32).
 inline float round_to(DType dtype, float x) noexcept {
   switch (dtype) {
-    case DType::float16: return fp16_to_float(float_to_fp16(x));
-    case DType::bfloat16: return bf16_to_float(float_to_bf16(x));
-    default: return x;
+    case DType::float16:
+      return fp16_to_float(float_to_fp16(x));
+    case DType::bfloat16:
+      return bf16_to_float(float_to_bf16(x));
+    default:
+      return x;
   }
 }
 

@@ -58,6 +58,13 @@ struct Problem {
   Device device{};
   /// Host copy of the batch geometry (filled when cu_seqlens are on the host).
   std::vector<Sequence> sequences;
+  /// The cu_seqlens tensors as given, in their own memory (host or device):
+  /// device backends read the batch geometry from here. `batch` sequences,
+  /// batch + 1 entries each; strides in elements.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t cu_seqlens_q_stride = 1, cu_seqlens_k_stride = 1;
+  int64_t batch = 0;
 
   int64_t kv_head(int64_t query_head) const noexcept { return query_head / group; }
 };

@@ -19,15 +19,21 @@ int64_t Tensor::numel() const {
   return n;
 }
 
-float Tensor::get(int64_t i) const { return core::load(bytes_.data(), dtype_, i); }
-void Tensor::set(int64_t i, float x) { core::store(bytes_.data(), dtype_, i, x); }
+float Tensor::get(int64_t i) const {
+  return core::load(bytes_.data(), dtype_, i);
+}
+void Tensor::set(int64_t i, float x) {
+  core::store(bytes_.data(), dtype_, i, x);
+}
 
 void Tensor::randn(std::mt19937_64& rng, float stddev) {
   std::normal_distribution<float> dist(0.0f, stddev);
   for (int64_t i = 0; i < numel(); ++i) set(i, dist(rng));
 }
 
-void Tensor::poison() { std::fill(bytes_.begin(), bytes_.end(), static_cast<unsigned char>(0xff)); }
+void Tensor::poison() {
+  std::fill(bytes_.begin(), bytes_.end(), static_cast<unsigned char>(0xff));
+}
 
 std::vector<double> Tensor::to_double() const {
   std::vector<double> out(static_cast<size_t>(numel()));
@@ -49,7 +55,9 @@ TensorView Tensor::view() {
   return t;
 }
 
-TensorView Tensor::view() const { return const_cast<Tensor*>(this)->view(); }
+TensorView Tensor::view() const {
+  return const_cast<Tensor*>(this)->view();
+}
 
 std::string describe(const Case& c) {
   std::ostringstream s;
@@ -112,7 +120,8 @@ Workload make_workload(const Case& c) {
   return w;
 }
 
-Case random_case(std::mt19937_64& rng, DType dtype, const std::vector<int64_t>& head_dims, int32_t max_len) {
+Case random_case(std::mt19937_64& rng, DType dtype, const std::vector<int64_t>& head_dims,
+                 int32_t max_len) {
   auto pick = [&](auto... xs) {
     const int64_t values[] = {static_cast<int64_t>(xs)...};
     return values[std::uniform_int_distribution<size_t>(0, sizeof...(xs) - 1)(rng)];
@@ -123,7 +132,9 @@ Case random_case(std::mt19937_64& rng, DType dtype, const std::vector<int64_t>& 
   const int64_t batch = std::uniform_int_distribution<int64_t>(1, 4)(rng);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t kind = std::uniform_int_distribution<int64_t>(0, 9)(rng);
-    int32_t len = kind == 0 ? 0 : kind == 1 ? 1 : std::uniform_int_distribution<int32_t>(2, max_len)(rng);
+    int32_t len = kind == 0   ? 0
+                  : kind == 1 ? 1
+                              : std::uniform_int_distribution<int32_t>(2, max_len)(rng);
     c.lens_q.push_back(len);
   }
   // A third of the cases are decode / chunked prefill: fewer queries than keys.
@@ -171,7 +182,8 @@ void dense_causal_attention(const Workload& w, std::vector<double>& out, std::ve
         for (int64_t t = 0; t <= pos; ++t) {
           const double pr = std::exp(logits[static_cast<size_t>(t)] - l);
           for (int64_t x = 0; x < d; ++x)
-            out[static_cast<size_t>(((q0 + i) * c.heads_q + h) * d + x)] += pr * w.v.get(((k0 + t) * c.heads_kv + kh) * d + x);
+            out[static_cast<size_t>(((q0 + i) * c.heads_q + h) * d + x)] +=
+                pr * w.v.get(((k0 + t) * c.heads_kv + kh) * d + x);
         }
       }
     }
@@ -196,10 +208,14 @@ ErrorStats compare(const std::vector<double>& actual, const std::vector<double>&
 
 double output_tolerance(DType dtype) {
   switch (dtype) {
-    case DType::float32: return 2e-5;
-    case DType::float16: return 4e-3;
-    case DType::bfloat16: return 3e-2;
-    default: return 0.0;
+    case DType::float32:
+      return 2e-5;
+    case DType::float16:
+      return 4e-3;
+    case DType::bfloat16:
+      return 3e-2;
+    default:
+      return 0.0;
   }
 }
 

@@ -73,8 +73,8 @@ Workload make_workload(const Case& c);
 
 /// Draws a random case: 1-4 sequences (some empty or of length 1), random
 /// block size, top-k, GQA ratio from {1, 4, 8} and head dim from `head_dims`.
-Case random_case(std::mt19937_64& rng, DType dtype, const std::vector<int64_t>& head_dims = {64, 128},
-                 int32_t max_len = 200);
+Case random_case(std::mt19937_64& rng, DType dtype,
+                 const std::vector<int64_t>& head_dims = {64, 128}, int32_t max_len = 200);
 
 /// Dense causal attention in fp64 computed directly from q, k, v (no MoBA
 /// code involved): out [total_q, Hq, D] and lse [Hq, total_q].

@@ -53,7 +53,8 @@ void add_scores(const Problem& p, int64_t row, int64_t head, const std::vector<d
 // for every query and head, with the routing of the spec.
 template <class Fn>
 void for_each_routed_query(const Problem& p, Fn&& fn) {
-  std::vector<int32_t> selected(static_cast<size_t>(p.top_k > 0 ? std::min<int64_t>(p.top_k, 1 << 20) : 1));
+  std::vector<int32_t> selected(
+      static_cast<size_t>(p.top_k > 0 ? std::min<int64_t>(p.top_k, 1 << 20) : 1));
   for (const Sequence& s : p.sequences) {
     if (s.len_q == 0) continue;
     const int64_t n = core::num_blocks(s.len_k, p.block_size);
@@ -69,14 +70,17 @@ void for_each_routed_query(const Problem& p, Fn&& fn) {
           std::fill(scores.begin(), scores.end(), 0.0);
           for (int64_t g = 0; g < p.group; ++g)
             add_scores(p, s.q_begin + i, kvh * p.group + g, means, current, scores);
-          const int64_t count = core::select_blocks(scores.data(), current, p.top_k, selected.data(), width);
-          for (int64_t g = 0; g < p.group; ++g) fn(s, i, pos, kvh * p.group + g, selected.data(), count);
+          const int64_t count =
+              core::select_blocks(scores.data(), current, p.top_k, selected.data(), width);
+          for (int64_t g = 0; g < p.group; ++g)
+            fn(s, i, pos, kvh * p.group + g, selected.data(), count);
         } else {
           for (int64_t g = 0; g < p.group; ++g) {
             const int64_t head = kvh * p.group + g;
             std::fill(scores.begin(), scores.end(), 0.0);
             add_scores(p, s.q_begin + i, head, means, current, scores);
-            const int64_t count = core::select_blocks(scores.data(), current, p.top_k, selected.data(), width);
+            const int64_t count =
+                core::select_blocks(scores.data(), current, p.top_k, selected.data(), width);
             fn(s, i, pos, head, selected.data(), count);
           }
         }
@@ -97,7 +101,8 @@ void for_each_key(const Problem& p, const Sequence& s, int64_t pos, const int32_
   }
 }
 
-double dot_rows(const Problem& p, const Rows& a, int64_t ra, int64_t ha, const Rows& b, int64_t rb, int64_t hb) {
+double dot_rows(const Problem& p, const Rows& a, int64_t ra, int64_t ha, const Rows& b, int64_t rb,
+                int64_t hb) {
   double dot = 0.0;
   for (int64_t c = 0; c < p.head_dim; ++c)
     dot += static_cast<double>(load(a.data, a.dtype, a.offset(ra, ha) + c)) *
@@ -119,7 +124,8 @@ Attention attend(const Problem& p, const Sequence& s, int64_t i, int64_t pos, in
   std::vector<double> logits;
   for_each_key(p, s, pos, selected, count, [&](int64_t t) {
     a.keys.push_back(t);
-    logits.push_back(p.softmax_scale * dot_rows(p, p.q, s.q_begin + i, head, p.k, s.k_begin + t, kvh));
+    logits.push_back(p.softmax_scale *
+                     dot_rows(p, p.q, s.q_begin + i, head, p.k, s.k_begin + t, kvh));
   });
   const double max = *std::max_element(logits.begin(), logits.end());
   double sum = 0.0;
@@ -133,7 +139,8 @@ Attention attend(const Problem& p, const Sequence& s, int64_t i, int64_t pos, in
 }  // namespace
 
 void routing(const Problem& p, const Selection& sel) {
-  for_each_routed_query(p, [&](const Sequence& s, int64_t i, int64_t, int64_t head, const int32_t* selected, int64_t count) {
+  for_each_routed_query(p, [&](const Sequence& s, int64_t i, int64_t, int64_t head,
+                               const int32_t* selected, int64_t count) {
     int32_t* dst = sel.at(s.q_begin + i, head);
     std::copy(selected, selected + count, dst);
     std::fill(dst + count, dst + sel.width, -1);
@@ -142,15 +149,18 @@ void routing(const Problem& p, const Selection& sel) {
 
 void forward(const Problem& p, const Rows& out, const core::Lse& lse) {
   std::vector<double> acc(static_cast<size_t>(p.head_dim));
-  for_each_routed_query(p, [&](const Sequence& s, int64_t i, int64_t pos, int64_t head, const int32_t* selected, int64_t count) {
+  for_each_routed_query(p, [&](const Sequence& s, int64_t i, int64_t pos, int64_t head,
+                               const int32_t* selected, int64_t count) {
     const Attention a = attend(p, s, i, pos, head, selected, count);
     const int64_t kvh = p.kv_head(head);
     std::fill(acc.begin(), acc.end(), 0.0);
     for (size_t m = 0; m < a.keys.size(); ++m)
       for (int64_t c = 0; c < p.head_dim; ++c)
-        acc[static_cast<size_t>(c)] += a.probs[m] * load(p.v.data, p.v.dtype, p.v.offset(s.k_begin + a.keys[m], kvh) + c);
+        acc[static_cast<size_t>(c)] +=
+            a.probs[m] * load(p.v.data, p.v.dtype, p.v.offset(s.k_begin + a.keys[m], kvh) + c);
     for (int64_t c = 0; c < p.head_dim; ++c)
-      core::store(out.data, out.dtype, out.offset(s.q_begin + i, head) + c, static_cast<float>(acc[static_cast<size_t>(c)]));
+      core::store(out.data, out.dtype, out.offset(s.q_begin + i, head) + c,
+                  static_cast<float>(acc[static_cast<size_t>(c)]));
     if (lse.data != nullptr) lse.at(head, s.q_begin + i) = static_cast<float>(a.lse);
   });
 }
@@ -160,10 +170,15 @@ void backward(const Problem& p, const Rows& dout, const Gradients& g) {
   std::vector<double> dq(static_cast<size_t>(p.total_q * p.heads_q * d), 0.0);
   std::vector<double> dk(static_cast<size_t>(p.total_k * p.heads_kv * d), 0.0);
   std::vector<double> dv(static_cast<size_t>(p.total_k * p.heads_kv * d), 0.0);
-  const auto q_index = [&](int64_t row, int64_t head) { return static_cast<size_t>((row * p.heads_q + head) * d); };
-  const auto k_index = [&](int64_t row, int64_t head) { return static_cast<size_t>((row * p.heads_kv + head) * d); };
+  const auto q_index = [&](int64_t row, int64_t head) {
+    return static_cast<size_t>((row * p.heads_q + head) * d);
+  };
+  const auto k_index = [&](int64_t row, int64_t head) {
+    return static_cast<size_t>((row * p.heads_kv + head) * d);
+  };
 
-  for_each_routed_query(p, [&](const Sequence& s, int64_t i, int64_t pos, int64_t head, const int32_t* selected, int64_t count) {
+  for_each_routed_query(p, [&](const Sequence& s, int64_t i, int64_t pos, int64_t head,
+                               const int32_t* selected, int64_t count) {
     const Attention a = attend(p, s, i, pos, head, selected, count);
     const int64_t kvh = p.kv_head(head);
     const int64_t row = s.q_begin + i;
@@ -191,12 +206,15 @@ void backward(const Problem& p, const Rows& dout, const Gradients& g) {
   for (int64_t t = 0; t < p.total_q; ++t)
     for (int64_t h = 0; h < p.heads_q; ++h)
       for (int64_t c = 0; c < d; ++c)
-        core::store(g.dq.data, g.dq.dtype, g.dq.offset(t, h) + c, static_cast<float>(dq[q_index(t, h) + static_cast<size_t>(c)]));
+        core::store(g.dq.data, g.dq.dtype, g.dq.offset(t, h) + c,
+                    static_cast<float>(dq[q_index(t, h) + static_cast<size_t>(c)]));
   for (int64_t t = 0; t < p.total_k; ++t)
     for (int64_t h = 0; h < p.heads_kv; ++h)
       for (int64_t c = 0; c < d; ++c) {
-        core::store(g.dk.data, g.dk.dtype, g.dk.offset(t, h) + c, static_cast<float>(dk[k_index(t, h) + static_cast<size_t>(c)]));
-        core::store(g.dv.data, g.dv.dtype, g.dv.offset(t, h) + c, static_cast<float>(dv[k_index(t, h) + static_cast<size_t>(c)]));
+        core::store(g.dk.data, g.dk.dtype, g.dk.offset(t, h) + c,
+                    static_cast<float>(dk[k_index(t, h) + static_cast<size_t>(c)]));
+        core::store(g.dv.data, g.dv.dtype, g.dv.offset(t, h) + c,
+                    static_cast<float>(dv[k_index(t, h) + static_cast<size_t>(c)]));
       }
 }
 

@@ -1,0 +1,416 @@
+// Attention of MoBA (spec step 5) on the tensor cores, FlashAttention-2
+// style: a CTA of 4 warps owns 128 query rows (32 per warp, so every K/V
+// fragment read from shared memory feeds two m16 products), streams the keys
+// through shared memory 64 at a time, and keeps the softmax online in
+// registers (running max, running sum, fp32 output accumulator).
+//
+// The three modes differ only in where the rows and keys come from and in
+// what the epilogue writes:
+//   past     rows gathered from a (kv head, block) entry list: every query
+//            row and query head of the kv group that selected the block
+//            (GQA heads share the K/V tile); keys are the whole block; the
+//            epilogue writes the normalized partial output and its lse.
+//   current  a row tile of one sequence and query head against the keys of
+//            each row's current block up to its position; the epilogue merges
+//            the row's partials by log-sum-exp and writes out and lse.
+//   dense    causal attention over all keys up to each row's position (the
+//            top_k >= blocks switch; no routing, no partials).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "backends/cuda/kernels.cuh"
+
+namespace moba::backends::cuda::detail {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int D>
+constexpr int smem_bytes() {
+  return (kTileRows + 2 * kTileKeys) * D * 2;
+}
+
+// What a tile attends to, in positions within its sequence.
+struct TileKeys {
+  int64_t key_row0;  // packed k row of position 0 of the sequence
+  int kvh;
+  int lo, hi;                // keys [lo, hi)
+  int first_pos, last_pos;   // positions of the first / last query row (current, dense)
+  int rows;                  // valid rows
+};
+
+template <AttnMode kMode>
+__device__ __forceinline__ int first_chunk(const TileKeys& tk) {
+  return tk.lo < tk.hi ? tk.lo : -1;
+}
+
+// The next 64-key chunk after the one at t0 that some row of the tile needs,
+// or -1. In current mode the chunks that lie wholly before every remaining
+// row's block start are skipped (tiny blocks would otherwise scan the tile's
+// whole span).
+template <AttnMode kMode>
+__device__ __forceinline__ int next_chunk(const TileKeys& tk, int t0, int block_size) {
+  int t = t0 + kTileKeys;
+  if (t >= tk.hi) return -1;
+  if constexpr (kMode == AttnMode::current) {
+    const int p = max(tk.first_pos, t);  // the first row that still needs keys >= t
+    if (p > tk.last_pos) return -1;
+    t = max(t, (p / block_size) * block_size);
+  }
+  return t;
+}
+
+template <AttnMode kMode>
+__device__ __forceinline__ bool chunk_needs_mask(const TileKeys& tk, int t0, int block_size) {
+  if constexpr (kMode == AttnMode::past) {
+    return t0 + kTileKeys > tk.hi;
+  } else if constexpr (kMode == AttnMode::current) {
+    return t0 < (tk.last_pos / block_size) * block_size || t0 + kTileKeys - 1 > tk.first_pos;
+  } else {
+    return t0 + kTileKeys - 1 > tk.first_pos;
+  }
+}
+
+template <class T, int D>
+__device__ __forceinline__ void load_keys(uint32_t dst, const T* base, int64_t token_stride, const TileKeys& tk,
+                                          int t0) {
+  constexpr int kChunks = D / 8;
+  const T* head_base = base + tk.key_row0 * token_stride;
+#pragma unroll
+  for (int i = 0; i < kTileKeys * kChunks / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int t = t0 + r;
+    const bool full = t < tk.hi;
+    const T* src = full ? head_base + static_cast<int64_t>(t) * token_stride + c * 8 : base;
+    cp_async16(dst + tile_offset<D>(r, c), src, full);
+  }
+}
+
+template <class T, int D, AttnMode kMode>
+__device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row_q, const int32_t* row_info,
+                            const TileKeys& tk, int64_t chunk_row0) {
+  constexpr int kChunks = D / 8;
+  constexpr int kDT = D / 8;  // n8 tiles of the output
+  const T* q = static_cast<const T*>(a.q);
+  const T* kb = static_cast<const T*>(a.k) + static_cast<int64_t>(tk.kvh) * a.k_hs;
+  const T* vb = static_cast<const T*>(a.v) + static_cast<int64_t>(tk.kvh) * a.v_hs;
+  const uint32_t sQ = smem_u32(smem);
+  const uint32_t sK = sQ + kTileRows * D * 2;
+  const uint32_t sV = sK + kTileKeys * D * 2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const float scale_log2 = a.scale * kLog2e;
+  const int bs = a.block_size;
+
+#pragma unroll
+  for (int i = 0; i < kTileRows * kChunks / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int64_t off = row_q[r];
+    cp_async16(sQ + tile_offset<D>(r, c), off >= 0 ? q + off + c * 8 : q, off >= 0);
+  }
+  int t0 = first_chunk<kMode>(tk);
+  if (t0 >= 0) load_keys<T, D>(sK, kb, a.k_ts, tk, t0);
+  cp_async_commit();
+
+  // Positions of this thread's four rows (mt, half) for the masks.
+  int pos[2][2];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) pos[mt][h] = row_info[warp * 32 + mt * 16 + h * 8 + g];
+
+  float o[2][kDT][4];
+  float m[2][2], l[2][2];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.0f;
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.0f;
+  }
+
+  while (t0 >= 0) {
+    cp_async_wait_all();
+    __syncthreads();  // K chunk (and Q) landed; every warp is done with the previous V
+    load_keys<T, D>(sV, vb, a.v_ts, tk, t0);
+    cp_async_commit();
+
+    float s[2][8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t af[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+        ldmatrix_x4(af[mt], sQ + tile_offset<D>(warp * 32 + mt * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t bf[4];
+        ldmatrix_x4(bf, sK + tile_offset<D>(np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma16816<T>(s[mt][2 * np], af[mt], bf[0], bf[1]);
+          mma16816<T>(s[mt][2 * np + 1], af[mt], bf[2], bf[3]);
+        }
+      }
+    }
+
+    if (chunk_needs_mask<kMode>(tk, t0, bs)) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int t = t0 + nt * 8 + 2 * tq + (e & 1);
+            bool keep;
+            if constexpr (kMode == AttnMode::past) {
+              keep = t < tk.hi;
+            } else {
+              const int p = pos[mt][e >> 1];
+              keep = t <= p;
+              if constexpr (kMode == AttnMode::current) keep = keep && t >= (p / bs) * bs;
+            }
+            if (!keep) s[mt][nt][e] = -INFINITY;
+          }
+    }
+
+    // Online softmax: new row max (over the quad), rescale, exponentiate.
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = m[mt][h];
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float ref = mx == -INFINITY ? 0.0f : mx * scale_log2;
+        const float alpha = fast_exp2(m[mt][h] * scale_log2 - ref);
+        m[mt][h] = mx;
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          s[mt][nt][2 * h] = fast_exp2(fmaf(s[mt][nt][2 * h], scale_log2, -ref));
+          s[mt][nt][2 * h + 1] = fast_exp2(fmaf(s[mt][nt][2 * h + 1], scale_log2, -ref));
+          sum += s[mt][nt][2 * h] + s[mt][nt][2 * h + 1];
+        }
+        l[mt][h] = l[mt][h] * alpha + sum;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          o[mt][dt][2 * h] *= alpha;
+          o[mt][dt][2 * h + 1] *= alpha;
+        }
+      }
+
+    cp_async_wait_all();
+    __syncthreads();  // V landed; every warp is done reading K
+    const int t_next = next_chunk<kMode>(tk, t0, bs);
+    if (t_next >= 0) {
+      load_keys<T, D>(sK, kb, a.k_ts, tk, t_next);
+      cp_async_commit();
+    }
+
+#pragma unroll
+    for (int kc = 0; kc < kTileKeys / 16; ++kc) {
+      uint32_t pf[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        pf[mt][0] = pack2<T>(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+        pf[mt][1] = pack2<T>(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+        pf[mt][2] = pack2<T>(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+        pf[mt][3] = pack2<T>(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t bf[4];
+        ldmatrix_x4_trans(bf, sV + tile_offset<D>(kc * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dp + (lane >> 4)));
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma16816<T>(o[mt][2 * dp], pf[mt], bf[0], bf[1]);
+          mma16816<T>(o[mt][2 * dp + 1], pf[mt], bf[2], bf[3]);
+        }
+      }
+    }
+    t0 = t_next;
+  }
+
+  // Epilogue: the quad's partial sums make the row sum.
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp * 32 + mt * 16 + h * 8 + g;
+      float sum = l[mt][h];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (r >= tk.rows) continue;
+      // Row max in base-2 units of the scaled scores.
+      const float mref = m[mt][h] * scale_log2;
+      if constexpr (kMode == AttnMode::past) {
+        const int64_t e = row_info[r];
+        const float inv = 1.0f / sum;
+        float* dst = a.part_o + e * D + 2 * tq;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt)
+          *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[mt][dt][2 * h] * inv, o[mt][dt][2 * h + 1] * inv);
+        if (tq == 0) a.part_lse[e] = (mref + log2f(sum)) * kLn2;
+      } else {
+        const int p = pos[mt][h];
+        const int64_t row = (row_q[r] - static_cast<int64_t>(blockIdx.x % a.heads_q) * a.q_hs) / a.q_ts;
+        const int head = static_cast<int>(blockIdx.x % a.heads_q);
+        float top = mref, total = sum;
+        if constexpr (kMode == AttnMode::current) {
+          const int count = min(a.past, p / bs);
+          if (count > 0) {
+            const int64_t base = ((row - chunk_row0) * a.heads_q + head) * a.past;
+            for (int sl = 0; sl < count; ++sl) top = fmaxf(top, a.part_lse[base + sl] * kLog2e);
+            const float f = fast_exp2(mref - top);
+            total *= f;
+#pragma unroll
+            for (int dt = 0; dt < kDT; ++dt) {
+              o[mt][dt][2 * h] *= f;
+              o[mt][dt][2 * h + 1] *= f;
+            }
+            for (int sl = 0; sl < count; ++sl) {
+              const float w = fast_exp2(a.part_lse[base + sl] * kLog2e - top);
+              total += w;
+              const float* src = a.part_o + (base + sl) * D + 2 * tq;
+#pragma unroll
+              for (int dt = 0; dt < kDT; ++dt) {
+                const float2 x = *reinterpret_cast<const float2*>(src + dt * 8);
+                o[mt][dt][2 * h] = fmaf(w, x.x, o[mt][dt][2 * h]);
+                o[mt][dt][2 * h + 1] = fmaf(w, x.y, o[mt][dt][2 * h + 1]);
+              }
+            }
+          }
+        }
+        const float inv = 1.0f / total;
+        T* dst = static_cast<T*>(a.out) + row * a.o_ts + static_cast<int64_t>(head) * a.o_hs + 2 * tq;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt)
+          *reinterpret_cast<uint32_t*>(dst + dt * 8) = pack2<T>(o[mt][dt][2 * h] * inv, o[mt][dt][2 * h + 1] * inv);
+        if (tq == 0 && a.lse != nullptr) a.lse[head * a.lse_hs + row * a.lse_ts] = (top + log2f(total)) * kLn2;
+        (void)p;
+      }
+    }
+}
+
+template <class T, int D, AttnMode kMode>
+__global__ void __launch_bounds__(kThreads, 2) attention_kernel(const AttnArgs a) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ int64_t row_q[kTileRows];   // element offset of the row's q vector; -1 for padding
+  __shared__ int32_t row_info[kTileRows];  // past: entry index; otherwise: the row's position
+  const SeqTable& st = a.seq;
+
+  // The packed row of the chunk's first tile: row 0 of the partials.
+  int64_t chunk_row0 = 0;
+  {
+    TileRows first{};
+    if (locate_tile(st, a.tile_begin, first)) chunk_row0 = st.q_begin[first.seq] + first.first;
+  }
+
+  if constexpr (kMode == AttnMode::past) {
+    const int tiles = *a.num_descs;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int4 desc = a.descs[tile];
+      TileKeys tk{};
+      tk.kvh = static_cast<int>(desc.x / a.blocks_bound);
+      const int gb = static_cast<int>(desc.x - tk.kvh * a.blocks_bound);
+      const int b = upper_index(st.block_begin, st.batch + 1, gb);
+      const int len_k = st.k_begin[b + 1] - st.k_begin[b];
+      tk.key_row0 = st.k_begin[b];
+      tk.lo = (gb - st.block_begin[b]) * a.block_size;
+      tk.hi = min(tk.lo + a.block_size, len_k);
+      tk.rows = desc.z;
+      const int r = threadIdx.x;
+      if (r < desc.z) {
+        const int e = a.entries[desc.y + r];
+        const int local = e / (a.heads_q * a.past);
+        const int head = (e / a.past) % a.heads_q;
+        row_q[r] = (chunk_row0 + local) * a.q_ts + static_cast<int64_t>(head) * a.q_hs;
+        row_info[r] = e;
+      } else {
+        row_q[r] = -1;
+        row_info[r] = 0;
+      }
+      __syncthreads();
+      attend_tile<T, D, kMode>(a, smem, row_q, row_info, tk, chunk_row0);
+      __syncthreads();  // the next tile rewrites the row tables and shared tiles
+    }
+  } else {
+    // Heads vary fastest so that the query heads of a kv group run side by
+    // side and share the K/V tiles in L2; the longest (last) tiles go first.
+    const int head = static_cast<int>(blockIdx.x % a.heads_q);
+    const int tiles = a.tile_end - a.tile_begin;
+    const int tile = a.tile_begin + (tiles - 1 - static_cast<int>(blockIdx.x / a.heads_q));
+    TileRows tr{};
+    if (!locate_tile(st, tile, tr)) return;
+    const int b = tr.seq;
+    const int len_q = st.q_begin[b + 1] - st.q_begin[b];
+    const int len_k = st.k_begin[b + 1] - st.k_begin[b];
+    TileKeys tk{};
+    tk.kvh = head / a.group;
+    tk.key_row0 = st.k_begin[b];
+    tk.first_pos = len_k - len_q + tr.first;
+    tk.last_pos = tk.first_pos + tr.count - 1;
+    tk.lo = kMode == AttnMode::current ? (tk.first_pos / a.block_size) * a.block_size : 0;
+    tk.hi = tk.last_pos + 1;
+    tk.rows = tr.count;
+    const int r = threadIdx.x;
+    if (r < tr.count) {
+      row_q[r] = (static_cast<int64_t>(st.q_begin[b]) + tr.first + r) * a.q_ts + static_cast<int64_t>(head) * a.q_hs;
+      row_info[r] = tk.first_pos + r;
+    } else {
+      row_q[r] = -1;
+      row_info[r] = tk.last_pos;
+    }
+    __syncthreads();
+    attend_tile<T, D, kMode>(a, smem, row_q, row_info, tk, chunk_row0);
+  }
+}
+
+template <class T, int D, AttnMode kMode>
+cudaError_t launch_typed(const AttnArgs& a, cudaStream_t stream) {
+  constexpr int smem = smem_bytes<D>();
+  cudaError_t err = cudaFuncSetAttribute(attention_kernel<T, D, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  int64_t ctas;
+  if constexpr (kMode == AttnMode::past)
+    ctas = a.grid;
+  else
+    ctas = static_cast<int64_t>(a.tile_end - a.tile_begin) * a.heads_q;
+  if (ctas <= 0) return cudaSuccess;
+  attention_kernel<T, D, kMode><<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <class T, int D>
+cudaError_t launch_mode(AttnMode mode, const AttnArgs& a, cudaStream_t stream) {
+  switch (mode) {
+    case AttnMode::past: return launch_typed<T, D, AttnMode::past>(a, stream);
+    case AttnMode::current: return launch_typed<T, D, AttnMode::current>(a, stream);
+    case AttnMode::dense: return launch_typed<T, D, AttnMode::dense>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_attention(Elem elem, AttnMode mode, const AttnArgs& a, cudaStream_t stream) {
+  if (elem == Elem::bf16)
+    return a.head_dim == 64 ? launch_mode<__nv_bfloat16, 64>(mode, a, stream)
+                            : launch_mode<__nv_bfloat16, 128>(mode, a, stream);
+  return a.head_dim == 64 ? launch_mode<__half, 64>(mode, a, stream) : launch_mode<__half, 128>(mode, a, stream);
+}
+
+}  // namespace moba::backends::cuda::detail
