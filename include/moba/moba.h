@@ -3,6 +3,8 @@
  * A plain C interface over the C++ library for other languages and inference
  * engines. Every function returns a moba_status; on failure the message of
  * the last error of the calling thread is available from moba_last_error().
+ * Output tensors must not overlap any other argument's address range (an
+ * interleaved packed dq/dk/dv buffer is refused: pass separate buffers).
  * Tensors are described by non-owning moba_tensor views; see moba/moba.hpp
  * and shared/MOBA_SPEC.md for the shapes and semantics.
  */
@@ -113,8 +115,9 @@ moba_status moba_routing_width(int64_t max_seqlen_k, const moba_config* config, 
 /* 1 if the backend can run here, else 0. */
 int moba_backend_available(moba_backend backend);
 
-/* The message of the calling thread's last failed call ("" if none). Valid
- * until the thread's next call into the library. */
+/* The message of the calling thread's most recent status-returning call, or
+ * "" if it succeeded (each such call clears it first). Valid until the
+ * thread's next call into the library. */
 const char* moba_last_error(void);
 
 /* A static description of a status code. */

@@ -1,6 +1,7 @@
 // The C API: converts C views to C++ ones and exceptions to status codes.
 #include "moba/moba.h"
 
+#include <cstring>
 #include <exception>
 #include <new>
 #include <string>
@@ -40,15 +41,26 @@ void require(const void* p, const char* name) {
                       std::string("moba: ") + name + ": null pointer");
 }
 
+// The integer stored in a C enum field: a C caller may store any int there,
+// and loading an out-of-range value through the enum type is undefined in C++.
+template <class Enum>
+int raw(const Enum& field) {
+  static_assert(sizeof(Enum) == sizeof(int));
+  int value;
+  std::memcpy(&value, &field, sizeof value);
+  return value;
+}
+
 moba::TensorView to_view(const moba_tensor& t, const char* name) {
-  if (t.dtype < MOBA_FLOAT32 || t.dtype > MOBA_INT32)
-    throw moba::Error(moba::Status::invalid_argument,
-                      std::string("moba: ") + name + ": unknown dtype " + std::to_string(t.dtype));
+  if (raw(t.dtype) < MOBA_FLOAT32 || raw(t.dtype) > MOBA_INT32)
+    throw moba::Error(
+        moba::Status::invalid_argument,
+        std::string("moba: ") + name + ": unknown dtype " + std::to_string(raw(t.dtype)));
   if (t.ndim < 0 || t.ndim > MOBA_MAX_DIMS)
     throw moba::Error(
         moba::Status::invalid_argument,
         std::string("moba: ") + name + ": ndim " + std::to_string(t.ndim) + " outside [0, 4]");
-  if (t.device_type != MOBA_DEVICE_CPU && t.device_type != MOBA_DEVICE_CUDA)
+  if (raw(t.device_type) != MOBA_DEVICE_CPU && raw(t.device_type) != MOBA_DEVICE_CUDA)
     throw moba::Error(moba::Status::invalid_argument,
                       std::string("moba: ") + name + ": unknown device type");
   moba::TensorView v;
@@ -86,7 +98,7 @@ moba::Config to_config(const moba_config* c) {
   moba::Config out;
   out.block_size = c->block_size;
   out.top_k = c->top_k;
-  if (c->softmax_scale > 0.0f) out.softmax_scale = c->softmax_scale;
+  if (!(c->softmax_scale <= 0.0f)) out.softmax_scale = c->softmax_scale;  // NaN reaches validation
   out.gqa_shared_routing = c->gqa_shared_routing != 0;
   return out;
 }
@@ -94,9 +106,9 @@ moba::Config to_config(const moba_config* c) {
 moba::ExecOptions to_options(const moba_options* o) {
   moba::ExecOptions out;
   if (o == nullptr) return out;
-  if (o->backend < MOBA_BACKEND_AUTO || o->backend > MOBA_BACKEND_CUDA)
+  if (raw(o->backend) < MOBA_BACKEND_AUTO || raw(o->backend) > MOBA_BACKEND_CUDA)
     throw moba::Error(moba::Status::invalid_argument,
-                      "moba: options.backend: unknown backend " + std::to_string(o->backend));
+                      "moba: options.backend: unknown backend " + std::to_string(raw(o->backend)));
   if (o->num_threads < 0)
     throw moba::Error(
         moba::Status::invalid_argument,
@@ -171,7 +183,7 @@ moba_status moba_routing_width(int64_t max_seqlen_k, const moba_config* config, 
 }
 
 int moba_backend_available(moba_backend backend) {
-  if (backend < MOBA_BACKEND_AUTO || backend > MOBA_BACKEND_CUDA) return 0;
+  if (raw(backend) < MOBA_BACKEND_AUTO || raw(backend) > MOBA_BACKEND_CUDA) return 0;
   return moba::backend_available(static_cast<moba::Backend>(backend)) ? 1 : 0;
 }
 

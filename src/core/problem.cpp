@@ -56,6 +56,7 @@ void check_ndim(const TensorView& t, const char* name, int ndim, const char* lay
 
 // Distinct elements of an output must not share memory.
 void check_no_self_alias(const TensorView& t, const char* name) {
+  if (t.numel() == 0) return;  // no elements, nothing to alias
   std::array<int, kMaxDims> order{};
   int n = 0;
   for (int i = 0; i < t.ndim; ++i)
@@ -211,8 +212,12 @@ Problem make_problem(const Inputs& in, const Config& config) {
          "block_size: expected >= 1, got " + std::to_string(config.block_size));
   if (config.top_k < 1)
     fail(Status::invalid_argument, "top_k: expected >= 1, got " + std::to_string(config.top_k));
-  p.block_size = config.block_size;
-  p.top_k = config.top_k;
+  // Lengths fit in int32, so clamping changes nothing of the semantics (a
+  // block or top-k beyond every length means "one block" / "all blocks") and
+  // keeps block arithmetic far from int64 overflow.
+  constexpr int64_t kLimit = int64_t{1} << 31;
+  p.block_size = std::min(config.block_size, kLimit);
+  p.top_k = std::min(config.top_k, kLimit);
   p.softmax_scale = config.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(p.head_dim)));
   if (!std::isfinite(p.softmax_scale) || p.softmax_scale <= 0.0f)
     fail(Status::invalid_argument,

@@ -10,7 +10,7 @@ namespace moba::core {
 
 /// Number of blocks of a sequence of `len` keys.
 inline int64_t num_blocks(int64_t len, int64_t block_size) noexcept {
-  return (len + block_size - 1) / block_size;
+  return len == 0 ? 0 : 1 + (len - 1) / block_size;  // no overflow for huge blocks
 }
 
 /// Blocks the query at block `current` selects: min(top_k, current + 1).

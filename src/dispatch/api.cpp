@@ -4,6 +4,7 @@
 
 #include "backends/backend.hpp"
 #include "core/problem.hpp"
+#include "core/routing.hpp"
 #include "moba/moba.hpp"
 
 #ifndef MOBA_VERSION
@@ -113,13 +114,24 @@ int64_t routing_width(int64_t max_seqlen_k, const Config& config) {
   if (config.top_k < 1)
     fail(Status::invalid_argument, "top_k: expected >= 1, got " + std::to_string(config.top_k));
   if (max_seqlen_k < 0) fail(Status::invalid_argument, "max_seqlen_k: expected >= 0");
-  return std::min(config.top_k, (max_seqlen_k + config.block_size - 1) / config.block_size);
+  return std::min(config.top_k, core::num_blocks(max_seqlen_k, config.block_size));
 }
 
 namespace {
 
+void check_options(const ExecOptions& o) {
+  if (o.num_threads < 0)
+    fail(Status::invalid_argument, "num_threads: expected >= 0 (0 = all hardware threads), got " +
+                                       std::to_string(o.num_threads));
+}
+
 // The backend that will run `p`, after checking it can.
 Backend resolve(const core::Problem& p, Backend requested) {
+  if (requested != Backend::automatic && requested != Backend::reference &&
+      requested != Backend::cpu && requested != Backend::cuda)
+    fail(Status::invalid_argument, "backend: unknown value " +
+                                       std::to_string(static_cast<int>(requested)) +
+                                       "; expected automatic, reference, cpu or cuda");
   const bool on_gpu = p.device.type == DeviceType::cuda;
   Backend b = requested;
   if (b == Backend::automatic) b = on_gpu ? Backend::cuda : Backend::cpu;
@@ -144,6 +156,7 @@ Backend resolve(const core::Problem& p, Backend requested) {
 void forward(const Inputs& inputs, const Config& config, const TensorView& out,
              const TensorView& lse, const ExecOptions& options) {
   const core::Problem p = core::make_problem(inputs, config);
+  check_options(options);
   const core::Rows out_rows = core::check_rows(p, out, "out", p.total_q, p.heads_q, inputs.q.dtype);
   core::check_no_overlap(out, "out",
                          {{&inputs.q, "q"},
@@ -183,6 +196,7 @@ void backward(const Inputs& inputs, const Config& config, const TensorView& out,
               const TensorView& dout, const TensorView& lse, const TensorView& dq,
               const TensorView& dk, const TensorView& dv, const ExecOptions& options) {
   const core::Problem p = core::make_problem(inputs, config);
+  check_options(options);
   const DType dt = inputs.q.dtype;
   const core::Rows out_rows = core::check_rows(p, out, "out", p.total_q, p.heads_q, dt);
   const core::Rows dout_rows = core::check_rows(p, dout, "dout", p.total_q, p.heads_q, dt);
@@ -224,14 +238,15 @@ void backward(const Inputs& inputs, const Config& config, const TensorView& out,
 void routing(const Inputs& inputs, const Config& config, const TensorView& selected,
              const ExecOptions& options) {
   const core::Problem p = core::make_problem(inputs, config);
+  check_options(options);
   const int64_t width = core::min_routing_width(p);
   if (!selected.present() && selected.numel() != 0)
     fail(Status::invalid_argument, "selected: null data pointer");
   if (selected.ndim != 3 || selected.shape[0] != p.total_q || selected.shape[1] != p.heads_q ||
-      selected.shape[2] < width || selected.shape[2] < 1)
+      selected.shape[2] < width)
     fail(Status::invalid_argument, "selected: expected shape [" + std::to_string(p.total_q) + ", " +
-                                       std::to_string(p.heads_q) + ", W] with W >= " +
-                                       std::to_string(std::max<int64_t>(width, 1)));
+                                       std::to_string(p.heads_q) +
+                                       ", W] with W >= " + std::to_string(width));
   if (selected.dtype != DType::int32)
     fail(Status::invalid_argument,
          std::string("selected: expected dtype int32, got ") + dtype_name(selected.dtype));
