@@ -129,18 +129,21 @@ void dq_unit(const Context& c, const BlockMeans& means, const QueryUnit& u, Quer
       const Tile v = key_tile(p.v, seq.k_begin + t0, u.kv_head, keys, d, w.vbuf.data());
       for (int64_t i0 = 0; i0 < count; i0 += kRowTile) {
         const int64_t n = std::min(kRowTile, count - i0);
+        // Causal rows ascend: keys after the tile's last query are masked for all of them.
+        const int64_t width =
+            causal ? std::min(keys, row_position(p, u, rows[i0 + n - 1]) - t0 + 1) : keys;
         int64_t live = 0;  // rows with at least one visible key, packed first
         for (int64_t i = 0; i < n; ++i) {
           const int64_t row = rows[i0 + i];
-          const int64_t valid = causal ? std::min(keys, row_position(p, u, row) - t0 + 1) : keys;
+          const int64_t valid = causal ? std::min(width, row_position(p, u, row) - t0 + 1) : keys;
           if (valid <= 0) continue;
           w.tile.load(c, live, ref_of(row));
           w.tile.valid[static_cast<size_t>(live)] = valid;
           ++live;
         }
         if (live == 0) continue;
-        softmax_grad_tile(p, w.tile, live, keys, k, v);
-        gemm_nn(live, d, keys, w.tile.ds.data(), keys, k.data, k.ld, w.dq_tile.data(), d);
+        softmax_grad_tile(p, w.tile, live, width, k, v);
+        gemm_nn(live, d, width, w.tile.ds.data(), width, k.data, k.ld, w.dq_tile.data(), d);
         int64_t slot = 0;
         for (int64_t i = 0; i < n; ++i) {
           const int64_t row = rows[i0 + i];
@@ -216,21 +219,30 @@ void dkv_unit(const Context& c, const KeyUnit& u, const std::vector<int64_t>& bu
   const Tile k = key_tile(p.k, seq.k_begin + u.k0, u.kv_head, keys, d, w.kbuf.data());
   const Tile v = key_tile(p.v, seq.k_begin + u.k0, u.kv_head, keys, d, w.vbuf.data());
   const int64_t count = static_cast<int64_t>(w.rows.size());
-  for (int64_t i0 = 0; i0 < count; i0 += kRowTile) {
-    const int64_t n = std::min(kRowTile, count - i0);
-    for (int64_t i = 0; i < n; ++i) {
-      const RowRef ref = w.rows[static_cast<size_t>(i0 + i)];
-      w.tile.load(c, i, ref);
-      const int64_t pos = off + ref.token - seq.q_begin;
-      w.tile.valid[static_cast<size_t>(i)] =
-          i0 + i < causal_from ? keys : std::min(keys, pos - u.k0 + 1);
+  // Rows [begin, end) in tiles; the block's own queries (from causal_from on,
+  // ascending) see only keys up to their position, so their tiles stop at the
+  // last row's position.
+  const auto run_tiles = [&](int64_t begin, int64_t end, bool causal) {
+    for (int64_t i0 = begin; i0 < end; i0 += kRowTile) {
+      const int64_t n = std::min(kRowTile, end - i0);
+      const auto pos_of = [&](int64_t i) {
+        return off + w.rows[static_cast<size_t>(i0 + i)].token - seq.q_begin;
+      };
+      const int64_t width = causal ? std::min(keys, pos_of(n - 1) - u.k0 + 1) : keys;
+      for (int64_t i = 0; i < n; ++i) {
+        w.tile.load(c, i, w.rows[static_cast<size_t>(i0 + i)]);
+        w.tile.valid[static_cast<size_t>(i)] =
+            causal ? std::min(width, pos_of(i) - u.k0 + 1) : keys;
+      }
+      softmax_grad_tile(p, w.tile, n, width, k, v);
+      gemm_tn(width, d, n, w.tile.prob.data(), width, w.tile.dout.data(), d, w.dv.data(), d,
+              1.0f);  // dV += P^T dO
+      gemm_tn(width, d, n, w.tile.ds.data(), width, w.tile.q.data(), d, w.dk.data(), d,
+              1.0f);  // dK += dS^T Q
     }
-    softmax_grad_tile(p, w.tile, n, keys, k, v);
-    gemm_tn(keys, d, n, w.tile.prob.data(), keys, w.tile.dout.data(), d, w.dv.data(), d,
-            1.0f);  // dV += P^T dO
-    gemm_tn(keys, d, n, w.tile.ds.data(), keys, w.tile.q.data(), d, w.dk.data(), d,
-            1.0f);  // dK += dS^T Q
-  }
+  };
+  run_tiles(0, causal_from, false);
+  run_tiles(causal_from, count, true);
   for (int64_t t = 0; t < keys; ++t) {
     store_row(g.dk, g.dk.offset(seq.k_begin + u.k0 + t, u.kv_head), w.dk.data() + t * d, d);
     store_row(g.dv, g.dv.offset(seq.k_begin + u.k0 + t, u.kv_head), w.dv.data() + t * d, d);

@@ -108,10 +108,12 @@ void forward_unit(const Problem& p, const BlockMeans& means, const QueryUnit& u,
     const int64_t first_row = std::max<int64_t>(0, (k0 - row_position(p, u, 0))) * p.group;
     for (int64_t i0 = first_row; i0 < r.rows; i0 += kRowTile) {
       const int64_t n = std::min(kRowTile, r.rows - i0);
-      gemm_nt(n, keys, d, r.q.data() + i0 * d, d, k.data, k.ld, w.s.data(), keys);
+      // Keys after the tile's last query are masked for all its rows: skip them.
+      const int64_t width = std::min(keys, row_position(p, u, i0 + n - 1) - k0 + 1);
+      gemm_nt(n, width, d, r.q.data() + i0 * d, d, k.data, k.ld, w.s.data(), width);
       attend_tile(
-          p, w, n, keys, v, [&](int64_t i) { return i0 + i; },
-          [&](int64_t i) { return std::min(keys, row_position(p, u, i0 + i) - k0 + 1); });
+          p, w, n, width, v, [&](int64_t i) { return i0 + i; },
+          [&](int64_t i) { return std::min(width, row_position(p, u, i0 + i) - k0 + 1); });
     }
   }
 
