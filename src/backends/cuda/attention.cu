@@ -39,9 +39,11 @@ constexpr int smem_bytes() {
 struct TileKeys {
   int64_t key_row0;  // packed k row of position 0 of the sequence
   int kvh;
-  int lo, hi;                // keys [lo, hi)
-  int first_pos, last_pos;   // positions of the first / last query row (current, dense)
-  int rows;                  // valid rows
+  int lo, hi;               // keys [lo, hi)
+  int first_pos, last_pos;  // positions of the first / last query row (current, dense)
+  int rows;                 // valid rows
+  int64_t row0;             // packed query row of tile row 0 (current, dense)
+  int head;                 // query head (current, dense)
 };
 
 template <AttnMode kMode>
@@ -77,8 +79,8 @@ __device__ __forceinline__ bool chunk_needs_mask(const TileKeys& tk, int t0, int
 }
 
 template <class T, int D>
-__device__ __forceinline__ void load_keys(uint32_t dst, const T* base, int64_t token_stride, const TileKeys& tk,
-                                          int t0) {
+__device__ __forceinline__ void load_keys(uint32_t dst, const T* base, int64_t token_stride,
+                                          const TileKeys& tk, int t0) {
   constexpr int kChunks = D / 8;
   const T* head_base = base + tk.key_row0 * token_stride;
 #pragma unroll
@@ -93,8 +95,8 @@ __device__ __forceinline__ void load_keys(uint32_t dst, const T* base, int64_t t
 }
 
 template <class T, int D, AttnMode kMode>
-__device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row_q, const int32_t* row_info,
-                            const TileKeys& tk, int64_t chunk_row0) {
+__device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row_q,
+                            const int32_t* row_info, const TileKeys& tk, int64_t chunk_row0) {
   constexpr int kChunks = D / 8;
   constexpr int kDT = D / 8;  // n8 tiles of the output
   const T* q = static_cast<const T*>(a.q);
@@ -130,7 +132,8 @@ __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-    for (int dt = 0; dt < kDT; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.0f;
+    for (int dt = 0; dt < kDT; ++dt)
+      o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.0f;
     m[mt][0] = m[mt][1] = -INFINITY;
     l[mt][0] = l[mt][1] = 0.0f;
   }
@@ -145,17 +148,20 @@ __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
+      for (int nt = 0; nt < 8; ++nt)
+        s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       uint32_t af[2][4];
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
-        ldmatrix_x4(af[mt], sQ + tile_offset<D>(warp * 32 + mt * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+        ldmatrix_x4(af[mt],
+                    sQ + tile_offset<D>(warp * 32 + mt * 16 + (lane & 15), 2 * ks + (lane >> 4)));
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t bf[4];
-        ldmatrix_x4(bf, sK + tile_offset<D>(np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
+        ldmatrix_x4(bf, sK + tile_offset<D>(np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                            2 * ks + ((lane >> 3) & 1)));
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
           mma16816<T>(s[mt][2 * np], af[mt], bf[0], bf[1]);
@@ -191,7 +197,8 @@ __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row
       for (int h = 0; h < 2; ++h) {
         float mx = m[mt][h];
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+        for (int nt = 0; nt < 8; ++nt)
+          mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float ref = mx == -INFINITY ? 0.0f : mx * scale_log2;
@@ -233,7 +240,8 @@ __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t bf[4];
-        ldmatrix_x4_trans(bf, sV + tile_offset<D>(kc * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dp + (lane >> 4)));
+        ldmatrix_x4_trans(bf, sV + tile_offset<D>(kc * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                  2 * dp + (lane >> 4)));
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
           mma16816<T>(o[mt][2 * dp], pf[mt], bf[0], bf[1]);
@@ -259,18 +267,21 @@ __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row
       if constexpr (kMode == AttnMode::past) {
         const int64_t e = row_info[r];
         const float inv = 1.0f / sum;
-        float* dst = a.part_o + e * D + 2 * tq;
+        // Stored in the input dtype: the merge weighs it by its lse in fp32,
+        // and the final output is rounded to that dtype anyway; this halves
+        // the partials' traffic.
+        T* dst = static_cast<T*>(a.part_o) + e * D + 2 * tq;
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt)
-          *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[mt][dt][2 * h] * inv, o[mt][dt][2 * h + 1] * inv);
+          *reinterpret_cast<uint32_t*>(dst + dt * 8) =
+              pack2<T>(o[mt][dt][2 * h] * inv, o[mt][dt][2 * h + 1] * inv);
         if (tq == 0) a.part_lse[e] = (mref + log2f(sum)) * kLn2;
       } else {
-        const int p = pos[mt][h];
-        const int64_t row = (row_q[r] - static_cast<int64_t>(blockIdx.x % a.heads_q) * a.q_hs) / a.q_ts;
-        const int head = static_cast<int>(blockIdx.x % a.heads_q);
+        const int64_t row = tk.row0 + r;
+        const int head = tk.head;
         float top = mref, total = sum;
         if constexpr (kMode == AttnMode::current) {
-          const int count = min(a.past, p / bs);
+          const int count = min(a.past, pos[mt][h] / bs);
           if (count > 0) {
             const int64_t base = ((row - chunk_row0) * a.heads_q + head) * a.past;
             for (int sl = 0; sl < count; ++sl) top = fmaxf(top, a.part_lse[base + sl] * kLog2e);
@@ -284,10 +295,10 @@ __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row
             for (int sl = 0; sl < count; ++sl) {
               const float w = fast_exp2(a.part_lse[base + sl] * kLog2e - top);
               total += w;
-              const float* src = a.part_o + (base + sl) * D + 2 * tq;
+              const T* src = static_cast<const T*>(a.part_o) + (base + sl) * D + 2 * tq;
 #pragma unroll
               for (int dt = 0; dt < kDT; ++dt) {
-                const float2 x = *reinterpret_cast<const float2*>(src + dt * 8);
+                const float2 x = unpack2<T>(*reinterpret_cast<const uint32_t*>(src + dt * 8));
                 o[mt][dt][2 * h] = fmaf(w, x.x, o[mt][dt][2 * h]);
                 o[mt][dt][2 * h + 1] = fmaf(w, x.y, o[mt][dt][2 * h + 1]);
               }
@@ -295,12 +306,14 @@ __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row
           }
         }
         const float inv = 1.0f / total;
-        T* dst = static_cast<T*>(a.out) + row * a.o_ts + static_cast<int64_t>(head) * a.o_hs + 2 * tq;
+        T* dst =
+            static_cast<T*>(a.out) + row * a.o_ts + static_cast<int64_t>(head) * a.o_hs + 2 * tq;
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt)
-          *reinterpret_cast<uint32_t*>(dst + dt * 8) = pack2<T>(o[mt][dt][2 * h] * inv, o[mt][dt][2 * h + 1] * inv);
-        if (tq == 0 && a.lse != nullptr) a.lse[head * a.lse_hs + row * a.lse_ts] = (top + log2f(total)) * kLn2;
-        (void)p;
+          *reinterpret_cast<uint32_t*>(dst + dt * 8) =
+              pack2<T>(o[mt][dt][2 * h] * inv, o[mt][dt][2 * h + 1] * inv);
+        if (tq == 0 && a.lse != nullptr)
+          a.lse[head * a.lse_hs + row * a.lse_ts] = (top + log2f(total)) * kLn2;
       }
     }
 }
@@ -308,7 +321,7 @@ __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row
 template <class T, int D, AttnMode kMode>
 __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const AttnArgs a) {
   extern __shared__ __align__(128) uint8_t smem[];
-  __shared__ int64_t row_q[kTileRows];   // element offset of the row's q vector; -1 for padding
+  __shared__ int64_t row_q[kTileRows];     // element offset of the row's q vector; -1 for padding
   __shared__ int32_t row_info[kTileRows];  // past: entry index; otherwise: the row's position
   const SeqTable& st = a.seq;
 
@@ -366,9 +379,11 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const AttnArgs a
     tk.lo = kMode == AttnMode::current ? (tk.first_pos / a.block_size) * a.block_size : 0;
     tk.hi = tk.last_pos + 1;
     tk.rows = tr.count;
+    tk.row0 = static_cast<int64_t>(st.q_begin[b]) + tr.first;
+    tk.head = head;
     const int r = threadIdx.x;
     if (r < tr.count) {
-      row_q[r] = (static_cast<int64_t>(st.q_begin[b]) + tr.first + r) * a.q_ts + static_cast<int64_t>(head) * a.q_hs;
+      row_q[r] = (tk.row0 + r) * a.q_ts + static_cast<int64_t>(head) * a.q_hs;
       row_info[r] = tk.first_pos + r;
     } else {
       row_q[r] = -1;
@@ -382,7 +397,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const AttnArgs a
 template <class T, int D, AttnMode kMode>
 cudaError_t launch_typed(const AttnArgs& a, cudaStream_t stream) {
   constexpr int smem = smem_bytes<D>();
-  cudaError_t err = cudaFuncSetAttribute(attention_kernel<T, D, kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = cudaFuncSetAttribute(attention_kernel<T, D, kMode>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   int64_t ctas;
   if constexpr (kMode == AttnMode::past)
@@ -397,9 +413,12 @@ cudaError_t launch_typed(const AttnArgs& a, cudaStream_t stream) {
 template <class T, int D>
 cudaError_t launch_mode(AttnMode mode, const AttnArgs& a, cudaStream_t stream) {
   switch (mode) {
-    case AttnMode::past: return launch_typed<T, D, AttnMode::past>(a, stream);
-    case AttnMode::current: return launch_typed<T, D, AttnMode::current>(a, stream);
-    case AttnMode::dense: return launch_typed<T, D, AttnMode::dense>(a, stream);
+    case AttnMode::past:
+      return launch_typed<T, D, AttnMode::past>(a, stream);
+    case AttnMode::current:
+      return launch_typed<T, D, AttnMode::current>(a, stream);
+    case AttnMode::dense:
+      return launch_typed<T, D, AttnMode::dense>(a, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -410,7 +429,8 @@ cudaError_t launch_attention(Elem elem, AttnMode mode, const AttnArgs& a, cudaSt
   if (elem == Elem::bf16)
     return a.head_dim == 64 ? launch_mode<__nv_bfloat16, 64>(mode, a, stream)
                             : launch_mode<__nv_bfloat16, 128>(mode, a, stream);
-  return a.head_dim == 64 ? launch_mode<__half, 64>(mode, a, stream) : launch_mode<__half, 128>(mode, a, stream);
+  return a.head_dim == 64 ? launch_mode<__half, 64>(mode, a, stream)
+                          : launch_mode<__half, 128>(mode, a, stream);
 }
 
 }  // namespace moba::backends::cuda::detail

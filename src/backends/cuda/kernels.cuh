@@ -112,18 +112,19 @@ struct AttnArgs {
   const int32_t* num_descs;
   const int32_t* entries;
   int64_t blocks_bound;
-  int grid;  // persistent CTAs (past mode)
-  float* part_o;    // [entries][D]
+  int grid;         // persistent CTAs (past mode)
+  void* part_o;     // [entries][D] in the input dtype
   float* part_lse;  // [entries]
 };
 cudaError_t launch_attention(Elem elem, AttnMode mode, const AttnArgs& a, cudaStream_t stream);
 
 /// When the cu_seqlens were invalid: out and lse all NaN.
-cudaError_t launch_poison_outputs(const int32_t* invalid, void* out, int64_t o_ts, int64_t o_hs, int64_t tokens,
-                                  int heads, int head_dim, float* lse, int64_t lse_hs, int64_t lse_ts,
-                                  cudaStream_t stream);
+cudaError_t launch_poison_outputs(const int32_t* invalid, void* out, int64_t o_ts, int64_t o_hs,
+                                  int64_t tokens, int heads, int head_dim, float* lse,
+                                  int64_t lse_hs, int64_t lse_ts, cudaStream_t stream);
 /// When the cu_seqlens were invalid: the selection all -1.
-cudaError_t launch_poison_selection(const int32_t* invalid, int32_t* sel, int64_t s_ts, int64_t s_hs,
-                                    int64_t tokens, int heads, int width, cudaStream_t stream);
+cudaError_t launch_poison_selection(const int32_t* invalid, int32_t* sel, int64_t s_ts,
+                                    int64_t s_hs, int64_t tokens, int heads, int width,
+                                    cudaStream_t stream);
 
 }  // namespace moba::backends::cuda::detail

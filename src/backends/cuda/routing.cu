@@ -33,12 +33,15 @@ __device__ __forceinline__ int key_block(uint64_t key) {
   return static_cast<int>(0xffffffffu - static_cast<uint32_t>(key));
 }
 
-// Inserts x into the descending list best[0..KK) (dropping the last entry).
+// Inserts x into the descending list best[0..KK) (dropping the last entry)
+// unless it cannot make the row's top KK: x <= floor, a key that at least KK
+// keys of the row reach (see quad_floor).
 template <int KK>
-__device__ __forceinline__ void insert_key(uint64_t (&best)[KK], uint64_t x) {
-  if (x <= best[KK - 1]) return;
+__device__ __forceinline__ void insert_key(uint64_t (&best)[KK], uint64_t x, uint64_t floor) {
+  if (x <= best[KK - 1] || x <= floor) return;
 #pragma unroll
-  for (int i = KK - 1; i > 0; --i) best[i] = x > best[i - 1] ? best[i - 1] : (x > best[i] ? x : best[i]);
+  for (int i = KK - 1; i > 0; --i)
+    best[i] = x > best[i - 1] ? best[i - 1] : (x > best[i] ? x : best[i]);
   best[0] = x > best[0] ? x : best[0];
 }
 
@@ -46,6 +49,28 @@ __device__ __forceinline__ uint64_t shfl_xor64(uint64_t x, int mask) {
   const uint32_t lo = __shfl_xor_sync(0xffffffffu, static_cast<uint32_t>(x), mask);
   const uint32_t hi = __shfl_xor_sync(0xffffffffu, static_cast<uint32_t>(x >> 32), mask);
   return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+
+// The largest KK-th best key among the quad's four lists: that thread holds
+// KK keys at or above it, so no key below it can be in the row's top KK
+// (nor in its top `past` <= KK). Candidates under it are dropped without
+// touching the list, which keeps the warp off the insertion path for most of
+// a long scan. (Only constant indices into `best`: a run-time index would
+// move the lists to local memory.)
+template <int KK>
+__device__ __forceinline__ uint64_t quad_floor(const uint64_t (&best)[KK]) {
+  uint64_t f = best[KK - 1];
+  f = max(f, shfl_xor64(f, 1));
+  return max(f, shfl_xor64(f, 2));
+}
+
+// The score of a ranking key as a float, for a cheap first test of the
+// candidates: a candidate whose score is below it cannot beat the key. An
+// empty or NaN key (high word 0) admits everything (open = true).
+__device__ __forceinline__ float key_score(uint64_t key, bool& open) {
+  const uint32_t u = static_cast<uint32_t>(key >> 32);
+  open = u == 0;
+  return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
 }
 
 // Merges the lists of the four threads of a quad: winners[r] is the block of
@@ -106,8 +131,9 @@ __device__ void write_selection(const RouteArgs& a, int32_t* dst, int current, i
 // Loads the A fragments (16 rows x D) of query rows row0 / row0 + 8 of head
 // `head` straight from global memory (the tile is read once per CTA).
 template <class T, int D>
-__device__ __forceinline__ void load_query_fragments(const RouteArgs& a, int64_t row0, bool valid0, int64_t row1,
-                                                     bool valid1, int head, int tq, uint32_t (&frag)[D / 16][4]) {
+__device__ __forceinline__ void load_query_fragments(const RouteArgs& a, int64_t row0, bool valid0,
+                                                     int64_t row1, bool valid1, int head, int tq,
+                                                     uint32_t (&frag)[D / 16][4]) {
   const T* q = static_cast<const T*>(a.q);
   const T* p0 = q + row0 * a.q_token_stride + static_cast<int64_t>(head) * a.q_head_stride + 2 * tq;
   const T* p1 = q + row1 * a.q_token_stride + static_cast<int64_t>(head) * a.q_head_stride + 2 * tq;
@@ -145,8 +171,9 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(const RouteArgs a)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int r0 = warp * 16 + g, r1 = r0 + 8;  // rows within the tile
   const bool valid0 = r0 < tr.count, valid1 = r1 < tr.count;
-  const int current0 = (offset + tr.first + r0) / a.block_size;
-  const int current1 = (offset + tr.first + r1) / a.block_size;
+  // Padding rows get no candidates (current block 0).
+  const int current0 = valid0 ? (offset + tr.first + r0) / a.block_size : 0;
+  const int current1 = valid1 ? (offset + tr.first + r1) / a.block_size : 0;
   const int current_last = (offset + tr.first + tr.count - 1) / a.block_size;
   const int kvh = kShared ? unit : unit / a.group;
   const int64_t qrow0 = st.q_begin[b] + tr.first + r0, qrow1 = qrow0 + 8;
@@ -160,7 +187,9 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(const RouteArgs a)
     uint64_t best0[KK], best1[KK];
 #pragma unroll
     for (int i = 0; i < KK; ++i) best0[i] = best1[i] = 0;
-    const T* kbar = static_cast<const T*>(a.kbar) + (static_cast<int64_t>(kvh) * a.blocks_bound + st.block_begin[b]) * D;
+    uint64_t floor0 = 0, floor1 = 0;
+    const T* kbar = static_cast<const T*>(a.kbar) +
+                    (static_cast<int64_t>(kvh) * a.blocks_bound + st.block_begin[b]) * D;
     uint32_t frag[D / 16][4];
     if (!kShared) load_query_fragments<T, D>(a, qrow0, valid0, qrow1, valid1, unit, tq, frag);
 
@@ -179,16 +208,19 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(const RouteArgs a)
 
     load_stage(0, 0);
     int buffer = 0;
-    for (int first_block = 0; first_block < current_last; first_block += kRouteBlocks, buffer ^= 1) {
+    for (int first_block = 0; first_block < current_last;
+         first_block += kRouteBlocks, buffer ^= 1) {
       cp_async_wait_all();
       __syncthreads();
-      if (first_block + kRouteBlocks < current_last) load_stage(first_block + kRouteBlocks, buffer ^ 1);
+      if (first_block + kRouteBlocks < current_last)
+        load_stage(first_block + kRouteBlocks, buffer ^ 1);
       const uint32_t base = smem_u32(stage[buffer]);
       float acc[8][4];
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
       for (int gi = 0; gi < (kShared ? a.group : 1); ++gi) {
-        if (kShared) load_query_fragments<T, D>(a, qrow0, valid0, qrow1, valid1, kvh * a.group + gi, tq, frag);
+        if (kShared)
+          load_query_fragments<T, D>(a, qrow0, valid0, qrow1, valid1, kvh * a.group + gi, tq, frag);
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
           if (first_block + nt * 8 >= current_last) break;
@@ -201,14 +233,23 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(const RouteArgs a)
           }
         }
       }
+      // A candidate scoring below the row's floor cannot be kept: one float
+      // compare rejects it (the exact key comparison runs for the rest).
+      bool open0, open1;
+      const float bar0 = key_score(max(floor0, best0[KK - 1]), open0);
+      const float bar1 = key_score(max(floor1, best1[KK - 1]), open1);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
-        const int j = first_block + nt * 8 + 2 * tq;
-        insert_key(best0, (valid0 && j < current0) ? rank_key(acc[nt][0], j) : 0ull);
-        insert_key(best0, (valid0 && j + 1 < current0) ? rank_key(acc[nt][1], j + 1) : 0ull);
-        insert_key(best1, (valid1 && j < current1) ? rank_key(acc[nt][2], j) : 0ull);
-        insert_key(best1, (valid1 && j + 1 < current1) ? rank_key(acc[nt][3], j + 1) : 0ull);
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = first_block + nt * 8 + 2 * tq + e;
+          const float s0 = acc[nt][e], s1 = acc[nt][2 + e];
+          if (j < current0 && (open0 || s0 >= bar0)) insert_key(best0, rank_key(s0, j), floor0);
+          if (j < current1 && (open1 || s1 >= bar1)) insert_key(best1, rank_key(s1, j), floor1);
+        }
       }
+      floor0 = quad_floor(best0);
+      floor1 = quad_floor(best1);
     }
     quad_merge(best0, a.past, winners0);
     quad_merge(best1, a.past, winners1);
@@ -220,13 +261,14 @@ __global__ void __launch_bounds__(kRouteThreads) route_kernel(const RouteArgs a)
   const int64_t row_shift = a.user_layout ? 0 : chunk_first_row(a);
   for (int hi = 0; hi < heads; ++hi) {
     const int head = first_head + hi;
-    for (int half = 0; half < 2; ++half) {
-      if (!(half == 0 ? valid0 : valid1)) continue;
-      const int64_t row = (half == 0 ? qrow0 : qrow1) - row_shift;
-      int32_t* dst = a.sel + row * a.sel_token_stride + static_cast<int64_t>(head) * a.sel_head_stride;
-      write_selection<KK>(a, dst, half == 0 ? current0 : current1, a.user_layout ? 0 : st.block_begin[b],
-                          half == 0 ? winners0 : winners1);
-    }
+    const int block_base = a.user_layout ? 0 : st.block_begin[b];
+    const int64_t head_offset = static_cast<int64_t>(head) * a.sel_head_stride;
+    if (valid0)
+      write_selection<KK>(a, a.sel + (qrow0 - row_shift) * a.sel_token_stride + head_offset,
+                          current0, block_base, winners0);
+    if (valid1)
+      write_selection<KK>(a, a.sel + (qrow1 - row_shift) * a.sel_token_stride + head_offset,
+                          current1, block_base, winners1);
   }
 }
 
@@ -251,7 +293,8 @@ __global__ void __launch_bounds__(kRouteThreads) route_wide_kernel(const RouteAr
   const int heads = a.shared ? a.group : 1;
   const int first_head = a.shared ? unit * a.group : unit;
   const T* q = static_cast<const T*>(a.q);
-  const T* kbar = static_cast<const T*>(a.kbar) + (static_cast<int64_t>(kvh) * a.blocks_bound + st.block_begin[b]) * a.head_dim;
+  const T* kbar = static_cast<const T*>(a.kbar) +
+                  (static_cast<int64_t>(kvh) * a.blocks_bound + st.block_begin[b]) * a.head_dim;
 
   for (int r = warp; r < tr.count; r += kRouteThreads / 32) {
     const int64_t qrow = st.q_begin[b] + tr.first + r;
@@ -260,7 +303,8 @@ __global__ void __launch_bounds__(kRouteThreads) route_wide_kernel(const RouteAr
     const auto score = [&](int j) {
       float s = 0.0f;
       for (int hi = 0; hi < heads; ++hi) {
-        const T* qv = q + qrow * a.q_token_stride + static_cast<int64_t>(first_head + hi) * a.q_head_stride;
+        const T* qv =
+            q + qrow * a.q_token_stride + static_cast<int64_t>(first_head + hi) * a.q_head_stride;
         const T* kv = kbar + static_cast<int64_t>(j) * a.head_dim;
         for (int d = 0; d < a.head_dim; ++d) s = fmaf(to_float<T>(qv[d]), to_float<T>(kv[d]), s);
       }
@@ -285,7 +329,8 @@ __global__ void __launch_bounds__(kRouteThreads) route_wide_kernel(const RouteAr
     for (int hi = 0; hi < heads; ++hi) {
       const int head = first_head + hi;
       const int64_t row = qrow - row_shift;
-      int32_t* dst = a.sel + row * a.sel_token_stride + static_cast<int64_t>(head) * a.sel_head_stride;
+      int32_t* dst =
+          a.sel + row * a.sel_token_stride + static_cast<int64_t>(head) * a.sel_head_stride;
       const int base = a.user_layout ? 0 : st.block_begin[b];
       int written = 0;
       for (int j0 = 0; j0 < current; j0 += 32) {
@@ -312,12 +357,12 @@ cudaError_t launch_route_typed(const RouteArgs& a, cudaStream_t stream) {
   const int64_t ctas = static_cast<int64_t>(a.tile_end - a.tile_begin) * units;
   if (ctas <= 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(ctas));
-#define MOBA_ROUTE(KK)                                                                    \
-  do {                                                                                    \
-    if (a.shared)                                                                         \
-      route_kernel<T, D, KK, true><<<grid, kRouteThreads, 0, stream>>>(a);                \
-    else                                                                                  \
-      route_kernel<T, D, KK, false><<<grid, kRouteThreads, 0, stream>>>(a);               \
+#define MOBA_ROUTE(KK)                                                      \
+  do {                                                                      \
+    if (a.shared)                                                           \
+      route_kernel<T, D, KK, true><<<grid, kRouteThreads, 0, stream>>>(a);  \
+    else                                                                    \
+      route_kernel<T, D, KK, false><<<grid, kRouteThreads, 0, stream>>>(a); \
   } while (0)
   if (a.past <= 4)
     MOBA_ROUTE(4);
@@ -338,7 +383,8 @@ cudaError_t launch_route(Elem elem, const RouteArgs& a, cudaStream_t stream) {
     return a.head_dim == 64 ? launch_route_typed<__nv_bfloat16, 64>(a, stream)
                             : launch_route_typed<__nv_bfloat16, 128>(a, stream);
   }
-  return a.head_dim == 64 ? launch_route_typed<__half, 64>(a, stream) : launch_route_typed<__half, 128>(a, stream);
+  return a.head_dim == 64 ? launch_route_typed<__half, 64>(a, stream)
+                          : launch_route_typed<__half, 128>(a, stream);
 }
 
 }  // namespace moba::backends::cuda::detail

@@ -115,10 +115,12 @@ __global__ void __launch_bounds__(256) block_means_kernel(const MeansArgs a) {
   const int group = threadIdx.x / chunks;
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   if (group < groups) {
-    const T* base = static_cast<const T*>(a.k) + (static_cast<int64_t>(st.k_begin[b]) + first) * a.k_token_stride +
+    const T* base = static_cast<const T*>(a.k) +
+                    (static_cast<int64_t>(st.k_begin[b]) + first) * a.k_token_stride +
                     static_cast<int64_t>(kvh) * a.k_head_stride + chunk * 8;
     for (int r = group; r < len; r += groups) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(base + static_cast<int64_t>(r) * a.k_token_stride);
+      const uint4 raw =
+          *reinterpret_cast<const uint4*>(base + static_cast<int64_t>(r) * a.k_token_stride);
       const T* x = reinterpret_cast<const T*>(&raw);
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[e] += static_cast<double>(to_float<T>(x[e]));
@@ -131,12 +133,14 @@ __global__ void __launch_bounds__(256) block_means_kernel(const MeansArgs a) {
     double sum = 0.0;
     for (int g = 0; g < groups; ++g) sum += partial[g * a.head_dim + d];
     const float mean = static_cast<float>(sum / static_cast<double>(len));
-    static_cast<T*>(a.kbar)[(static_cast<int64_t>(kvh) * a.blocks_bound + gb) * a.head_dim + d] = from_float<T>(mean);
+    static_cast<T*>(a.kbar)[(static_cast<int64_t>(kvh) * a.blocks_bound + gb) * a.head_dim + d] =
+        from_float<T>(mean);
   }
 }
 
 // The chunk's rows [*row_begin, *row_end) in packed query order.
-__device__ void chunk_rows(const SeqTable& st, int tile_begin, int tile_end, int* row_begin, int* row_end) {
+__device__ void chunk_rows(const SeqTable& st, int tile_begin, int tile_end, int* row_begin,
+                           int* row_end) {
   const int total = st.tile_begin[st.batch];
   const int t1 = min(tile_end, total);
   if (tile_begin >= t1) {
@@ -186,7 +190,8 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const InvertArgs a) 
     const int c = a.counts[b];
     a.cursor[b] = static_cast<int32_t>(off);
     for (int first = 0; first < c; first += kTileRows)
-      a.descs[tile++] = make_int4(static_cast<int>(b), static_cast<int>(off + first), min(kTileRows, c - first), 0);
+      a.descs[tile++] = make_int4(static_cast<int>(b), static_cast<int>(off + first),
+                                  min(kTileRows, c - first), 0);
     off += c;
   }
   if (threadIdx.x == 0) *a.num_descs = static_cast<int32_t>(total_tiles);
@@ -212,9 +217,9 @@ __global__ void fill_kernel(const InvertArgs a) {
 }
 
 // 0x7fff is a quiet NaN both as float16 and as bfloat16.
-__global__ void poison_outputs_kernel(const int32_t* invalid, uint16_t* out, int64_t o_ts, int64_t o_hs,
-                                      int64_t tokens, int heads, int head_dim, float* lse, int64_t lse_hs,
-                                      int64_t lse_ts) {
+__global__ void poison_outputs_kernel(const int32_t* invalid, uint16_t* out, int64_t o_ts,
+                                      int64_t o_hs, int64_t tokens, int heads, int head_dim,
+                                      float* lse, int64_t lse_hs, int64_t lse_ts) {
   if (*invalid == 0) return;
   const int64_t n = tokens * heads;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -227,8 +232,8 @@ __global__ void poison_outputs_kernel(const int32_t* invalid, uint16_t* out, int
   }
 }
 
-__global__ void poison_selection_kernel(const int32_t* invalid, int32_t* sel, int64_t s_ts, int64_t s_hs,
-                                        int64_t tokens, int heads, int width) {
+__global__ void poison_selection_kernel(const int32_t* invalid, int32_t* sel, int64_t s_ts,
+                                        int64_t s_hs, int64_t tokens, int heads, int width) {
   if (*invalid == 0) return;
   const int64_t n = tokens * heads;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -274,18 +279,20 @@ cudaError_t launch_invert(const InvertArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t launch_poison_outputs(const int32_t* invalid, void* out, int64_t o_ts, int64_t o_hs, int64_t tokens,
-                                  int heads, int head_dim, float* lse, int64_t lse_hs, int64_t lse_ts,
-                                  cudaStream_t stream) {
+cudaError_t launch_poison_outputs(const int32_t* invalid, void* out, int64_t o_ts, int64_t o_hs,
+                                  int64_t tokens, int heads, int head_dim, float* lse,
+                                  int64_t lse_hs, int64_t lse_ts, cudaStream_t stream) {
   poison_outputs_kernel<<<grid_for(tokens * heads, 256), 256, 0, stream>>>(
-      invalid, static_cast<uint16_t*>(out), o_ts, o_hs, tokens, heads, head_dim, lse, lse_hs, lse_ts);
+      invalid, static_cast<uint16_t*>(out), o_ts, o_hs, tokens, heads, head_dim, lse, lse_hs,
+      lse_ts);
   return cudaGetLastError();
 }
 
-cudaError_t launch_poison_selection(const int32_t* invalid, int32_t* sel, int64_t s_ts, int64_t s_hs,
-                                    int64_t tokens, int heads, int width, cudaStream_t stream) {
-  poison_selection_kernel<<<grid_for(tokens * heads, 256), 256, 0, stream>>>(invalid, sel, s_ts, s_hs, tokens,
-                                                                              heads, width);
+cudaError_t launch_poison_selection(const int32_t* invalid, int32_t* sel, int64_t s_ts,
+                                    int64_t s_hs, int64_t tokens, int heads, int width,
+                                    cudaStream_t stream) {
+  poison_selection_kernel<<<grid_for(tokens * heads, 256), 256, 0, stream>>>(
+      invalid, sel, s_ts, s_hs, tokens, heads, width);
   return cudaGetLastError();
 }
 
