@@ -18,6 +18,7 @@ from ._ops import BACKENDS, backend_available, moba_attn_varlen, routing
 from .naive import moba_naive
 
 if TYPE_CHECKING:
+    from .kv_cache import KVCache
     from ._hf import MobaSettings, configure, register, use_full_attention, use_moba
     from .plot import plot_routing
 
@@ -25,6 +26,7 @@ __version__: str = _native.version()
 
 __all__ = [
     "BACKENDS",
+    "KVCache",
     "MobaSettings",
     "__version__",
     "backend_available",
@@ -40,6 +42,7 @@ __all__ = [
 
 # transformers and matplotlib are optional: imported on first use only.
 _LAZY = {
+    "KVCache": ".kv_cache",
     "MobaSettings": "._hf",
     "configure": "._hf",
     "register": "._hf",

@@ -20,6 +20,8 @@ struct RunOptions {
   int warmup = 1;
   bool dense = true;      // also time dense causal attention (top_k >= blocks)
   bool backward = false;  // also time the backward pass
+  bool decode = false;    // time KV-cache decode steps instead (moba run --decode)
+  int decode_steps = 16;  // timed decode steps (after `warmup` untimed ones)
   bool json = false;
   std::string out_path;  // .npy, or .safetensors for out and lse
   Progress::Mode progress = Progress::Mode::automatic;
@@ -27,6 +29,9 @@ struct RunOptions {
 
 /// `moba run`: times MoBA (and dense attention) on one workload.
 int run_command(const RunOptions& options, std::ostream& out);
+
+/// `moba run --decode`: times KV-cache decode steps (cpu), MoBA against dense.
+int run_decode_command(const RunOptions& options, std::ostream& out);
 
 struct RoutingOptions {
   WorkloadOptions workload;

@@ -132,6 +132,10 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--warmup", run.warmup, "untimed calls first")->capture_default_str();
   run_cmd->add_flag("--no-dense", no_dense, "skip the dense comparison");
   run_cmd->add_flag("--backward", run.backward, "also time the backward pass (random dout)");
+  run_cmd->add_flag("--decode", run.decode,
+                    "time decode steps against a KV cache of --tokens context (cpu)");
+  run_cmd->add_option("--decode-steps", run.decode_steps, "timed decode steps with --decode")
+      ->capture_default_str();
   run_cmd->add_flag("--json", run.json, "one JSON object on stdout");
   run_cmd->add_option("--out", run.out_path,
                       "save the output: .npy, or .safetensors (out and lse)");

@@ -79,6 +79,7 @@ void write_output(const std::string& path, const Workload& w, const Config& conf
 }  // namespace
 
 int run_command(const RunOptions& o, std::ostream& out) {
+  if (o.decode) return run_decode_command(o, out);
   if (o.repeats < 1) throw UsageError("--repeats: expected >= 1, got " + std::to_string(o.repeats));
   if (o.warmup < 0) throw UsageError("--warmup: expected >= 0, got " + std::to_string(o.warmup));
   const Backend backend = resolve_backend(o.attention.backend);

@@ -1,0 +1,213 @@
+"""A MoBA KV cache for generation: append keys/values, decode with MoBA routing.
+
+:class:`KVCache` owns (as plain torch tensors, visible as attributes) the
+memory the C++ cache API (``include/moba/kv_cache.hpp``) works on:
+
+* contiguous layout: ``k``, ``v`` ``[batch, capacity, Hkv, D]``;
+* paged layout (``page_size=...``): a page pool ``k``, ``v``
+  ``[num_pages, page_size, Hkv, D]`` and ``page_table`` ``[batch, max_pages]``
+  int32 (token ``t`` of sequence ``b`` at row ``t % page_size`` of page
+  ``page_table[b, t // page_size]``), as serving engines such as vLLM keep it;
+* ``seqlens`` ``[batch]`` int32 and ``block_sums`` ``[batch, max_blocks, Hkv, D]``
+  float32, the running sum of k per MoBA block that makes routing a new query
+  cost O(blocks x D) instead of a re-read of the cache.
+
+:meth:`KVCache.decode` runs MoBA attention for the new queries of each
+sequence, which are its last positions (their keys appended first): the same
+routing and output as :func:`moba.moba_attn_varlen` over the cached keys with
+``cu_seqlens_k``. Host (CPU) tensors only so far: the CUDA decode kernel is
+not written yet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _native
+
+__all__ = ["KVCache"]
+
+
+def _cu_seqlens(counts: Tensor | list[int], batch: int, name: str) -> Tensor:
+    counts = torch.as_tensor(counts, dtype=torch.int64)
+    if counts.shape != (batch,):
+        raise ValueError(
+            f"{name}: expected {batch} counts (one per sequence), got {tuple(counts.shape)}"
+        )
+    cu = torch.zeros(batch + 1, dtype=torch.int32)
+    cu[1:] = counts.cumsum(0)
+    return cu
+
+
+class KVCache:
+    """Keys and values of ``batch`` sequences plus their MoBA block sums.
+
+    Args:
+        batch: number of sequence slots.
+        capacity: most tokens per sequence (rounded up to whole pages when paged).
+        heads_kv, head_dim: the attention layer's kv heads and head dim.
+        block_size: the MoBA block size every decode of this cache uses.
+        dtype: float32, float16 or bfloat16.
+        page_size: rows per page for the paged layout (``block_size`` must be a
+            multiple of it); ``None`` for the contiguous layout.
+        num_pages: pages in the pool (paged layout; default: enough for every
+            slot at full capacity).
+        page_table: ``[batch, max_pages]`` int32 to use instead of the default
+            (slot ``b`` owns pages ``b * max_pages ...``); entries past a
+            sequence's length are never read.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        capacity: int,
+        heads_kv: int,
+        head_dim: int,
+        block_size: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        page_size: int | None = None,
+        num_pages: int | None = None,
+        page_table: Tensor | None = None,
+    ) -> None:
+        if batch < 0 or capacity < 0:
+            raise ValueError(f"batch/capacity: expected >= 0, got {batch}/{capacity}")
+        self.block_size = int(block_size)
+        self.page_table: Tensor | None = None
+        if page_size is None:
+            shape = (batch, capacity, heads_kv, head_dim)
+            self.capacity = capacity
+        else:
+            if page_size < 1:
+                raise ValueError(f"page_size: expected >= 1, got {page_size}")
+            max_pages = -(-capacity // page_size)
+            if page_table is None:
+                page_table = torch.arange(batch * max_pages, dtype=torch.int32).view(
+                    batch, max_pages
+                )
+            self.page_table = page_table
+            max_pages = page_table.shape[1] if page_table.dim() == 2 else max_pages
+            if num_pages is None:
+                num_pages = batch * max_pages
+            shape = (num_pages, page_size, heads_kv, head_dim)
+            self.capacity = max_pages * page_size
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.seqlens = torch.zeros(batch, dtype=torch.int32)
+        max_blocks = -(-self.capacity // self.block_size) if self.block_size > 0 else 0
+        self.block_sums = torch.zeros((batch, max_blocks, heads_kv, head_dim), dtype=torch.float32)
+        self.batch = batch
+
+    @property
+    def paged(self) -> bool:
+        return self.page_table is not None
+
+    def _cache_args(self) -> tuple[object, ...]:
+        return (self.k, self.v, self.page_table, self.seqlens, self.block_sums, self.block_size)
+
+    def reset(self, sequences: int | list[int] | None = None) -> None:
+        """Empties some slots (all by default) for new requests: only lengths change."""
+        if sequences is None:
+            self.seqlens.zero_()
+        else:
+            self.seqlens[torch.as_tensor(sequences, dtype=torch.long)] = 0
+
+    def append(self, k: Tensor, v: Tensor, counts: Tensor | list[int] | None = None) -> None:
+        """Appends keys and values to every sequence.
+
+        ``k``, ``v``: ``[batch, n, Hkv, D]`` (``n`` new tokens for every
+        sequence; ``n = 1`` is one decode step), or packed ``[total, Hkv, D]``
+        with ``counts`` giving each sequence's share (zeros allowed).
+        """
+        if counts is None:
+            if k.dim() != 4 or k.shape[0] != self.batch:
+                raise ValueError(
+                    f"k: expected [batch={self.batch}, n, Hkv, D] without counts, "
+                    f"got {tuple(k.shape)}"
+                )
+            cu = _cu_seqlens([k.shape[1]] * self.batch, self.batch, "counts")
+            k = k.reshape(-1, *k.shape[2:])
+            v = v.reshape(-1, *v.shape[2:])
+        else:
+            cu = _cu_seqlens(counts, self.batch, "counts")
+        _native.kv_cache_append(
+            *self._cache_args(),
+            k.detach(),
+            v.detach(),
+            cu,
+            torch.get_num_threads(),
+        )
+
+    def _queries(self, q: Tensor, counts: Tensor | list[int] | None) -> tuple[Tensor, Tensor]:
+        if counts is None:
+            if q.dim() == 4:  # [batch, n, Hq, D]
+                cu = _cu_seqlens([q.shape[1]] * self.batch, self.batch, "counts")
+                return q.reshape(-1, *q.shape[2:]), cu
+            if q.dim() == 3 and q.shape[0] == self.batch:  # one query per sequence
+                return q, _cu_seqlens([1] * self.batch, self.batch, "counts")
+            raise ValueError(
+                f"q: expected [batch, Hq, D], [batch, n, Hq, D] or packed with counts, "
+                f"got {tuple(q.shape)}"
+            )
+        return q, _cu_seqlens(counts, self.batch, "counts")
+
+    def decode(
+        self,
+        q: Tensor,
+        top_k: int,
+        counts: Tensor | list[int] | None = None,
+        *,
+        softmax_scale: float | None = None,
+        gqa_shared_routing: bool = False,
+        return_lse: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """MoBA attention of each sequence's newest positions against the cache.
+
+        ``q``: ``[batch, Hq, D]`` (decode: one query per sequence),
+        ``[batch, n, Hq, D]``, or packed ``[total, Hq, D]`` with ``counts``
+        (chunked prefill: the last ``counts[b]`` positions of sequence ``b``).
+        Returns ``out`` shaped like ``q`` (and ``lse`` ``[Hq, total]`` float32).
+        """
+        flat, cu = self._queries(q, counts)
+        out = torch.empty_like(flat)
+        lse = (
+            torch.empty((flat.shape[1], flat.shape[0]), dtype=torch.float32) if return_lse else None
+        )
+        _native.kv_cache_decode(
+            *self._cache_args(),
+            flat.detach(),
+            cu,
+            out,
+            lse,
+            int(top_k),
+            softmax_scale,
+            gqa_shared_routing,
+            torch.get_num_threads(),
+        )
+        out = out.view(q.shape)
+        return (out, lse) if return_lse else out
+
+    def routing(
+        self,
+        q: Tensor,
+        top_k: int,
+        counts: Tensor | list[int] | None = None,
+        *,
+        gqa_shared_routing: bool = False,
+    ) -> Tensor:
+        """The blocks :meth:`decode` selects: ``[total, Hq, W]`` int32, -1 padded."""
+        flat, cu = self._queries(q, counts)
+        longest = int(self.seqlens.max()) if self.batch > 0 else 0
+        width = max(1, _native.routing_width(longest, self.block_size, int(top_k)))
+        selected = torch.empty((flat.shape[0], flat.shape[1], width), dtype=torch.int32)
+        _native.kv_cache_routing(
+            *self._cache_args(),
+            flat.detach(),
+            cu,
+            selected,
+            int(top_k),
+            gqa_shared_routing,
+            torch.get_num_threads(),
+        )
+        return selected

@@ -1,0 +1,549 @@
+// KV-cache decode on the CPU backend: a cache built by appending random
+// chunks must hold exact block sums, and decoding from it must give what the
+// prefill path (moba::forward with the queries at the last positions) gives
+// on the same keys: the same routing and the same out / lse within tolerance.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <string>
+
+#include "moba/kv_cache.hpp"
+#include "support/testing.hpp"
+
+namespace moba::testing {
+namespace {
+
+struct Shape {
+  std::vector<int32_t> lens;  // final length of every sequence
+  int64_t heads_q = 4, heads_kv = 1, head_dim = 64, block_size = 8, top_k = 3;
+  DType dtype = DType::float32;
+  bool shared = false;
+  int64_t page_size = 0;  // 0: contiguous layout
+  int threads = 2;
+  uint64_t seed = 1;
+};
+
+std::string describe(const Shape& s) {
+  std::string lens;
+  for (int32_t l : s.lens) lens += std::to_string(l) + ",";
+  return "lens=" + lens + " Hq=" + std::to_string(s.heads_q) +
+         " Hkv=" + std::to_string(s.heads_kv) + " D=" + std::to_string(s.head_dim) +
+         " B=" + std::to_string(s.block_size) + " K=" + std::to_string(s.top_k) + " " +
+         dtype_name(s.dtype) + (s.shared ? " shared" : "") +
+         " page=" + std::to_string(s.page_size) + " seed=" + std::to_string(s.seed);
+}
+
+int32_t* ints(Tensor& t) {
+  return static_cast<int32_t*>(t.data());
+}
+
+// The cache memory of one test and the full keys/values it will receive.
+struct Fixture {
+  Shape s;
+  std::mt19937_64 rng;
+  int64_t batch = 0, capacity = 0;
+  Tensor k_all, v_all;  // per sequence, packed: [sum of lens, Hkv, D]
+  std::vector<int64_t> start;
+  Tensor k, v, page_table, seqlens, sums;
+  KVCache cache;
+
+  explicit Fixture(const Shape& shape) : s(shape), rng(shape.seed) {
+    batch = static_cast<int64_t>(s.lens.size());
+    start.assign(1, 0);
+    for (int32_t l : s.lens) start.push_back(start.back() + l);
+    k_all = Tensor(s.dtype, {start.back(), s.heads_kv, s.head_dim});
+    v_all = Tensor(s.dtype, {start.back(), s.heads_kv, s.head_dim});
+    k_all.randn(rng);
+    v_all.randn(rng);
+    const int64_t longest = *std::max_element(s.lens.begin(), s.lens.end());
+    if (s.page_size == 0) {
+      capacity = longest + 5;  // spare room: capacity is not a length
+      k = Tensor(s.dtype, {batch, capacity, s.heads_kv, s.head_dim});
+      v = Tensor(s.dtype, {batch, capacity, s.heads_kv, s.head_dim});
+    } else {
+      // Pages of every sequence drawn from one shuffled pool with spare pages;
+      // entries past a sequence's final length stay -1 (never read).
+      const int64_t max_pages = (longest + s.page_size - 1) / s.page_size + 1;
+      capacity = max_pages * s.page_size;
+      int64_t needed = 0;
+      for (int32_t l : s.lens) needed += (l + s.page_size - 1) / s.page_size;
+      const int64_t pool = needed + 3;
+      std::vector<int32_t> order(static_cast<size_t>(pool));
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), rng);
+      page_table = Tensor(DType::int32, {batch, max_pages});
+      std::fill_n(ints(page_table), batch * max_pages, -1);
+      size_t next = 0;
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t p = 0; p * s.page_size < s.lens[static_cast<size_t>(b)]; ++p)
+          ints(page_table)[b * max_pages + p] = order[next++];
+      k = Tensor(s.dtype, {pool, s.page_size, s.heads_kv, s.head_dim});
+      v = Tensor(s.dtype, {pool, s.page_size, s.heads_kv, s.head_dim});
+    }
+    k.poison();
+    v.poison();
+    seqlens = Tensor(DType::int32, {batch});
+    std::fill_n(ints(seqlens), batch, 0);
+    const int64_t max_blocks = (capacity + s.block_size - 1) / s.block_size;
+    sums = Tensor(DType::float32, {batch, max_blocks, s.heads_kv, s.head_dim});
+    sums.poison();  // append must initialize each block itself
+    cache.k = k.view();
+    cache.v = v.view();
+    if (s.page_size != 0) cache.page_table = page_table.view();
+    cache.seqlens = seqlens.view();
+    cache.block_sums = sums.view();
+    cache.block_size = s.block_size;
+  }
+
+  int64_t length(int64_t b) const { return static_cast<const int32_t*>(seqlens.data())[b]; }
+
+  Config config() const {
+    Config c;
+    c.block_size = s.block_size;
+    c.top_k = s.top_k;
+    c.gqa_shared_routing = s.shared;
+    return c;
+  }
+  ExecOptions options() const {
+    ExecOptions o;
+    o.num_threads = s.threads;
+    return o;
+  }
+
+  // Appends the next `counts[b]` tokens of every sequence; returns cu_seqlens.
+  void append(const std::vector<int64_t>& counts) {
+    const int64_t row = s.heads_kv * s.head_dim;
+    int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+    Tensor kn(s.dtype, {total, s.heads_kv, s.head_dim}),
+        vn(s.dtype, {total, s.heads_kv, s.head_dim});
+    Tensor cu(DType::int32, {batch + 1});
+    ints(cu)[0] = 0;
+    int64_t at = 0;
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t from = start[static_cast<size_t>(b)] + length(b);
+      for (int64_t i = 0; i < counts[static_cast<size_t>(b)] * row; ++i) {
+        kn.set(at * row + i, k_all.get(from * row + i));
+        vn.set(at * row + i, v_all.get(from * row + i));
+      }
+      at += counts[static_cast<size_t>(b)];
+      ints(cu)[b + 1] = static_cast<int32_t>(at);
+    }
+    kv_cache_append(cache, kn.view(), vn.view(), cu.view(), options());
+  }
+};
+
+// Keys and values of every sequence's first seqlens[b] tokens, packed, with
+// cu_seqlens_k: the prefill path's view of the current cache.
+struct Prefix {
+  Tensor k, v, cu_k;
+  int64_t max_len = 0;
+};
+
+Prefix prefix_of(const Fixture& f) {
+  Prefix p;
+  const int64_t row = f.s.heads_kv * f.s.head_dim;
+  int64_t total = 0;
+  for (int64_t b = 0; b < f.batch; ++b) total += f.length(b);
+  p.k = Tensor(f.s.dtype, {total, f.s.heads_kv, f.s.head_dim});
+  p.v = Tensor(f.s.dtype, {total, f.s.heads_kv, f.s.head_dim});
+  p.cu_k = Tensor(DType::int32, {f.batch + 1});
+  ints(p.cu_k)[0] = 0;
+  int64_t at = 0;
+  for (int64_t b = 0; b < f.batch; ++b) {
+    const int64_t n = f.length(b), from = f.start[static_cast<size_t>(b)];
+    for (int64_t i = 0; i < n * row; ++i) {
+      p.k.set(at * row + i, f.k_all.get(from * row + i));
+      p.v.set(at * row + i, f.v_all.get(from * row + i));
+    }
+    at += n;
+    ints(p.cu_k)[b + 1] = static_cast<int32_t>(at);
+    p.max_len = std::max(p.max_len, n);
+  }
+  return p;
+}
+
+bool close(double actual, double expected, DType dtype) {
+  const double rtol = dtype == DType::float32 ? 2e-5 : dtype == DType::float16 ? 2e-3 : 1.6e-2;
+  const double atol = dtype == DType::float32 ? 2e-5 : dtype == DType::float16 ? 2e-4 : 2e-3;
+  return std::abs(actual - expected) <= atol + rtol * std::abs(expected);
+}
+
+// fp64 gate score of query row (token, head) for block j of sequence b, to
+// judge whether two differing selections are a near tie (spec: noise only).
+double gate_score(const Fixture& f, const Tensor& q, int64_t token, int64_t head, int64_t b,
+                  int64_t j) {
+  const int64_t d = f.s.head_dim, hkv = f.s.heads_kv, kvh = head / (f.s.heads_q / hkv);
+  const int64_t begin = j * f.s.block_size;
+  const int64_t end = std::min(begin + f.s.block_size, f.length(b));
+  double score = 0.0;
+  for (int64_t c = 0; c < d; ++c) {
+    double sum = 0.0;
+    for (int64_t t = begin; t < end; ++t)
+      sum += f.k_all.get(((f.start[static_cast<size_t>(b)] + t) * hkv + kvh) * d + c);
+    score += q.get((token * f.s.heads_q + head) * d + c) * (sum / static_cast<double>(end - begin));
+  }
+  return score;
+}
+
+// Decodes `len_q[b]` queries per sequence from the cache and compares with
+// the prefill path on the cache's current contents.
+void check_decode(Fixture& f, const std::vector<int64_t>& len_q) {
+  const Shape& s = f.s;
+  const int64_t total_q = std::accumulate(len_q.begin(), len_q.end(), int64_t{0});
+  Tensor q(s.dtype, {total_q, s.heads_q, s.head_dim});
+  q.randn(f.rng);
+  Tensor cu_q(DType::int32, {f.batch + 1});
+  ints(cu_q)[0] = 0;
+  for (int64_t b = 0; b < f.batch; ++b)
+    ints(cu_q)[b + 1] = ints(cu_q)[b] + static_cast<int32_t>(len_q[static_cast<size_t>(b)]);
+
+  Tensor out(s.dtype, {total_q, s.heads_q, s.head_dim}), lse(DType::float32, {s.heads_q, total_q});
+  out.poison();
+  lse.poison();
+  kv_cache_decode(f.cache, q.view(), cu_q.view(), f.config(), out.view(), lse.view(), f.options());
+
+  const Prefix p = prefix_of(f);
+  Inputs in;
+  in.q = q.view();
+  in.k = p.k.view();
+  in.v = p.v.view();
+  in.cu_seqlens_q = cu_q.view();
+  in.cu_seqlens_k = p.cu_k.view();
+  Tensor ref_out(s.dtype, {total_q, s.heads_q, s.head_dim}),
+      ref_lse(DType::float32, {s.heads_q, total_q});
+  forward(in, f.config(), ref_out.view(), ref_lse.view());
+
+  const int64_t width = std::max<int64_t>(1, routing_width(p.max_len, f.config()));
+  Tensor sel(DType::int32, {total_q, s.heads_q, width}),
+      ref_sel(DType::int32, {total_q, s.heads_q, width});
+  kv_cache_routing(f.cache, q.view(), cu_q.view(), f.config(), sel.view(), f.options());
+  routing(in, f.config(), ref_sel.view());
+
+  int mismatches = 0;
+  for (int64_t b = 0; b < f.batch; ++b)
+    for (int64_t t = ints(cu_q)[b]; t < ints(cu_q)[b + 1]; ++t)
+      for (int64_t h = 0; h < s.heads_q; ++h) {
+        const int32_t* a = ints(sel) + (t * s.heads_q + h) * width;
+        const int32_t* e = ints(ref_sel) + (t * s.heads_q + h) * width;
+        if (!std::equal(a, a + width, e)) {
+          // Allowed only as a near tie: every block it chose scores within
+          // noise of the lowest-scoring block the prefill path chose.
+          double lowest = INFINITY;
+          for (int64_t m = 0; m < width && e[m] >= 0; ++m)
+            lowest = std::min(lowest, gate_score(f, q, t, h, b, e[m]));
+          for (int64_t m = 0; m < width && a[m] >= 0; ++m)
+            EXPECT_NEAR(gate_score(f, q, t, h, b, a[m]), lowest, 1e-4 * (1 + std::abs(lowest)))
+                << "routing differs beyond a near tie at token " << t << " head " << h;
+          if (s.shared) continue;
+          ++mismatches;
+          continue;  // outputs legitimately differ for this row
+        }
+        for (int64_t c = 0; c < s.head_dim; ++c) {
+          const int64_t i = (t * s.heads_q + h) * s.head_dim + c;
+          if (!close(out.get(i), ref_out.get(i), s.dtype)) {
+            ADD_FAILURE() << "out differs at token " << t << " head " << h << " dim " << c << ": "
+                          << out.get(i) << " vs " << ref_out.get(i);
+            return;
+          }
+        }
+        const double l = lse.get(h * total_q + t), rl = ref_lse.get(h * total_q + t);
+        EXPECT_NEAR(l, rl, 1e-4 * (1 + std::abs(rl))) << "lse at token " << t << " head " << h;
+      }
+  EXPECT_LE(mismatches, 2) << "too many near ties";
+}
+
+// The block sums against fp32 sums in token order recomputed from the keys.
+void check_sums(const Fixture& f) {
+  const Shape& s = f.s;
+  const int64_t max_blocks = f.sums.shape()[1];
+  for (int64_t b = 0; b < f.batch; ++b) {
+    const int64_t len = f.length(b);
+    for (int64_t j = 0; j * s.block_size < len; ++j)
+      for (int64_t h = 0; h < s.heads_kv; ++h)
+        for (int64_t c = 0; c < s.head_dim; ++c) {
+          float sum = 0.0f;
+          for (int64_t t = j * s.block_size; t < std::min(len, (j + 1) * s.block_size); ++t)
+            sum += f.k_all.get(
+                ((f.start[static_cast<size_t>(b)] + t) * s.heads_kv + h) * s.head_dim + c);
+          const float got = f.sums.get(((b * max_blocks + j) * s.heads_kv + h) * s.head_dim + c);
+          ASSERT_EQ(got, sum) << "block sum of sequence " << b << " block " << j << " head " << h;
+        }
+  }
+}
+
+// Builds the cache in random rounds; after each round decodes the tokens it
+// added (chunked prefill, or decode when a round adds one token).
+void run_rounds(const Shape& shape, bool single_tokens_at_end) {
+  SCOPED_TRACE(describe(shape));
+  Fixture f(shape);
+  std::vector<int64_t> counts(static_cast<size_t>(f.batch));
+  for (int round = 0; round < 40; ++round) {
+    bool any = false;
+    for (int64_t b = 0; b < f.batch; ++b) {
+      const int64_t left = shape.lens[static_cast<size_t>(b)] - f.length(b);
+      const int64_t cap = single_tokens_at_end && left <= 3 ? 1 : 1 + left / 2;
+      const int64_t n =
+          left == 0 ? 0 : std::uniform_int_distribution<int64_t>(0, std::min(left, cap))(f.rng);
+      counts[static_cast<size_t>(b)] = n;
+      any = any || left > 0;
+    }
+    if (!any) break;
+    f.append(counts);
+    check_decode(f, counts);
+    if (::testing::Test::HasFailure()) return;
+  }
+  // Finish, then one decode query per non-empty sequence.
+  for (int64_t b = 0; b < f.batch; ++b)
+    counts[static_cast<size_t>(b)] = shape.lens[static_cast<size_t>(b)] - f.length(b);
+  f.append(counts);
+  check_sums(f);
+  for (int64_t b = 0; b < f.batch; ++b) counts[static_cast<size_t>(b)] = f.length(b) > 0 ? 1 : 0;
+  check_decode(f, counts);
+}
+
+TEST(Decode, RandomVarlenContiguousAndPaged) {
+  std::mt19937_64 rng(2024);
+  int cases = 0;
+  for (DType dtype : {DType::float32, DType::float16, DType::bfloat16})
+    for (int64_t page : {int64_t{0}, int64_t{4}}) {
+      for (int rep = 0; rep < 2; ++rep) {
+        Shape s;
+        s.dtype = dtype;
+        s.page_size = page;
+        s.seed = rng();
+        const int batch = std::uniform_int_distribution<int>(1, 4)(rng);
+        for (int b = 0; b < batch; ++b)
+          s.lens.push_back(std::uniform_int_distribution<int>(0, 6)(rng) == 0
+                               ? 0
+                               : std::uniform_int_distribution<int>(1, 120)(rng));
+        const int64_t gqa[] = {1, 4, 8};
+        s.heads_kv = std::uniform_int_distribution<int64_t>(1, 2)(rng);
+        s.heads_q = s.heads_kv * gqa[std::uniform_int_distribution<int>(0, 2)(rng)];
+        s.block_size = page == 0 ? std::uniform_int_distribution<int64_t>(1, 24)(rng)
+                                 : page * std::uniform_int_distribution<int64_t>(1, 5)(rng);
+        s.top_k = std::uniform_int_distribution<int64_t>(1, 5)(rng);
+        s.shared = rng() % 3 == 0;
+        s.threads = static_cast<int>(rng() % 4) + 1;
+        run_rounds(s, rep == 1);
+        ++cases;
+        if (::testing::Test::HasFailure()) return;
+      }
+    }
+  EXPECT_EQ(cases, 12);
+}
+
+TEST(Decode, EdgeShapes) {
+  // Page size 1, block = page; top-k >= blocks (dense); block larger than
+  // every sequence; GQA 8 with shared routing; head dim 128; split-K on one
+  // long sequence with many threads.
+  std::vector<Shape> shapes(6);
+  shapes[0].lens = {37, 0, 9};
+  shapes[0].page_size = 1;
+  shapes[0].block_size = 1;
+  shapes[0].top_k = 4;
+  shapes[1].lens = {50, 17};
+  shapes[1].top_k = 100;
+  shapes[2].lens = {20, 3};
+  shapes[2].block_size = 64;
+  shapes[3].lens = {70};
+  shapes[3].heads_q = 16;
+  shapes[3].heads_kv = 2;
+  shapes[3].shared = true;
+  shapes[3].dtype = DType::bfloat16;
+  shapes[4].lens = {45, 31};
+  shapes[4].head_dim = 128;
+  shapes[4].dtype = DType::float16;
+  shapes[4].page_size = 8;
+  shapes[4].block_size = 16;
+  shapes[5].lens = {300};
+  shapes[5].block_size = 4;
+  shapes[5].top_k = 6;
+  shapes[5].threads = 7;
+  for (const Shape& s : shapes) {
+    run_rounds(s, true);
+    if (::testing::Test::HasFailure()) return;
+  }
+}
+
+TEST(Decode, RecycledSlotRestartsItsSums) {
+  Shape s;
+  s.lens = {30};
+  Fixture f(s);
+  f.append({30});
+  // A new request in the same slot: only the length is reset.
+  static_cast<int32_t*>(f.seqlens.data())[0] = 0;
+  f.k_all.randn(f.rng);  // different keys, so a stale sum would show
+  f.v_all.randn(f.rng);
+  f.append({13});
+  check_sums(f);
+  check_decode(f, {2});
+}
+
+// ---- errors ----
+
+struct ErrorFixture {
+  Shape s;
+  Fixture f;
+  ErrorFixture() : f(shape()) {}
+  static Shape shape() {
+    Shape s;
+    s.lens = {10, 6};
+    s.page_size = 2;
+    s.block_size = 4;
+    return s;
+  }
+};
+
+template <class Fn>
+std::string error_of(Fn&& fn, Status expected = Status::invalid_argument) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), expected) << e.what();
+    return e.what();
+  }
+  ADD_FAILURE() << "no error thrown";
+  return "";
+}
+
+void expect_contains(const std::string& message, const std::string& part) {
+  EXPECT_NE(message.find(part), std::string::npos) << message << "\n  lacks: " << part;
+}
+
+TEST(DecodeErrors, AppendValidation) {
+  ErrorFixture e;
+  Fixture& f = e.f;
+  const int64_t hkv = f.s.heads_kv, d = f.s.head_dim;
+  Tensor kn(f.s.dtype, {2, hkv, d}), vn(f.s.dtype, {2, hkv, d}), cu(DType::int32, {3});
+  ints(cu)[0] = 0;
+  ints(cu)[1] = 2;
+  ints(cu)[2] = 2;
+  // Capacity: 6 pages of 2 rows per sequence (max_pages = 6) = 12 tokens;
+  // sequence 0 has pages 0..4 (10 tokens), its page 5 is -1.
+  static_cast<int32_t*>(f.seqlens.data())[0] = 10;
+  for (int i = 0; i < 5; ++i) ints(f.page_table)[i] = i;
+  expect_contains(error_of([&] { kv_cache_append(f.cache, kn.view(), vn.view(), cu.view()); }),
+                  "cache.page_table: entry [0, 5] = -1");
+  ints(f.page_table)[5] = 1000;
+  expect_contains(error_of([&] { kv_cache_append(f.cache, kn.view(), vn.view(), cu.view()); }),
+                  "is not a page of the pool");
+  ints(f.page_table)[5] = 1;
+  static_cast<int32_t*>(f.seqlens.data())[0] = 11;
+  expect_contains(error_of([&] { kv_cache_append(f.cache, kn.view(), vn.view(), cu.view()); }),
+                  "exceed the capacity 12");
+  static_cast<int32_t*>(f.seqlens.data())[0] = 13;
+  expect_contains(error_of([&] { kv_cache_append(f.cache, kn.view(), vn.view(), cu.view()); }),
+                  "cache.seqlens: entry 0 (13) outside [0, capacity = 12]");
+  static_cast<int32_t*>(f.seqlens.data())[0] = 0;
+  Tensor wrong_heads(f.s.dtype, {2, hkv + 1, d});
+  expect_contains(
+      error_of([&] { kv_cache_append(f.cache, wrong_heads.view(), vn.view(), cu.view()); }),
+      "k_new: expected shape [tokens, 1, 64]");
+  Tensor wrong_dtype(DType::float16, {2, hkv, d});
+  expect_contains(
+      error_of([&] { kv_cache_append(f.cache, kn.view(), wrong_dtype.view(), cu.view()); }),
+      "v_new: expected dtype float32, got float16");
+  ints(cu)[1] = 1;
+  ints(cu)[2] = 1;
+  expect_contains(error_of([&] { kv_cache_append(f.cache, kn.view(), vn.view(), cu.view()); }),
+                  "cu_seqlens_new: last entry must equal the 2 rows");
+  ints(cu)[1] = 2;
+  ints(cu)[2] = 2;
+  KVCache bad = f.cache;
+  bad.block_size = 3;
+  expect_contains(error_of([&] { kv_cache_append(bad, kn.view(), vn.view(), cu.view()); }),
+                  "cache.block_size: 3 must be a multiple of the page size 2");
+  bad = f.cache;
+  bad.block_sums.shape[1] = 2;
+  expect_contains(error_of([&] { kv_cache_append(bad, kn.view(), vn.view(), cu.view()); }),
+                  "cache.block_sums: expected shape [2, >= 3, 1, 64]");
+  bad = f.cache;
+  bad.v = bad.k;
+  expect_contains(error_of([&] { kv_cache_append(bad, kn.view(), vn.view(), cu.view()); }),
+                  "cache.k: memory overlaps cache.v");
+  bad = f.cache;
+  bad.seqlens.dtype = DType::float32;
+  expect_contains(error_of([&] { kv_cache_append(bad, kn.view(), vn.view(), cu.view()); }),
+                  "cache.seqlens: expected dtype int32");
+  bad = f.cache;
+  bad.k.device = bad.v.device = Device{DeviceType::cuda, 0};
+  expect_contains(error_of([&] { kv_cache_append(bad, kn.view(), vn.view(), cu.view()); },
+                           Status::backend_unavailable),
+                  "no CUDA kernel yet");
+  // Nothing was written by the failed calls.
+  EXPECT_EQ(f.length(0), 0);
+  EXPECT_EQ(f.length(1), 0);
+}
+
+TEST(DecodeErrors, DecodeValidation) {
+  ErrorFixture e;
+  Fixture& f = e.f;
+  f.append({10, 6});
+  const int64_t hq = f.s.heads_q, d = f.s.head_dim;
+  Tensor q(f.s.dtype, {3, hq, d}), out(f.s.dtype, {3, hq, d}), lse(DType::float32, {hq, 3});
+  Tensor cu(DType::int32, {3});
+  ints(cu)[0] = 0;
+  ints(cu)[1] = 1;
+  ints(cu)[2] = 3;
+  const Config cfg = f.config();
+  kv_cache_decode(f.cache, q.view(), cu.view(), cfg, out.view(), lse.view());  // valid
+  Config other = cfg;
+  other.block_size = 8;
+  expect_contains(
+      error_of([&] { kv_cache_decode(f.cache, q.view(), cu.view(), other, out.view(), {}); }),
+      "block_size: 8 differs from cache.block_size 4");
+  other = cfg;
+  other.top_k = 0;
+  expect_contains(
+      error_of([&] { kv_cache_decode(f.cache, q.view(), cu.view(), other, out.view(), {}); }),
+      "top_k: expected >= 1");
+  {
+    Shape two = ErrorFixture::shape();
+    two.heads_kv = 2;
+    Fixture g(two);
+    Tensor q3(f.s.dtype, {3, 3, d}), out3(f.s.dtype, {3, 3, d});
+    expect_contains(
+        error_of([&] { kv_cache_decode(g.cache, q3.view(), cu.view(), cfg, out3.view(), {}); }),
+        "q: heads (3) must be a positive multiple of the cache's kv heads (2)");
+  }
+  Tensor q_dim(f.s.dtype, {3, hq, 32});
+  expect_contains(
+      error_of([&] { kv_cache_decode(f.cache, q_dim.view(), cu.view(), cfg, out.view(), {}); }),
+      "q: head dim 32 differs from the cache's 64");
+  ints(cu)[1] = 3;
+  ints(cu)[2] = 3;
+  static_cast<int32_t*>(f.seqlens.data())[0] = 2;
+  expect_contains(
+      error_of([&] { kv_cache_decode(f.cache, q.view(), cu.view(), cfg, out.view(), {}); }),
+      "cu_seqlens_q: sequence 0 has 3 queries but only 2 cached tokens");
+  static_cast<int32_t*>(f.seqlens.data())[0] = 10;
+  Tensor out_bad(f.s.dtype, {2, hq, d});
+  expect_contains(
+      error_of([&] { kv_cache_decode(f.cache, q.view(), cu.view(), cfg, out_bad.view(), {}); }),
+      "out: expected shape [3, 4, 64]");
+  Tensor lse_bad(DType::float32, {hq, 2});
+  expect_contains(error_of([&] {
+                    kv_cache_decode(f.cache, q.view(), cu.view(), cfg, out.view(), lse_bad.view());
+                  }),
+                  "lse: expected shape [4, 3]");
+  expect_contains(
+      error_of([&] { kv_cache_decode(f.cache, q.view(), cu.view(), cfg, q.view(), {}); }),
+      "out: memory overlaps q");
+  ExecOptions reference;
+  reference.backend = Backend::reference;
+  expect_contains(
+      error_of(
+          [&] { kv_cache_decode(f.cache, q.view(), cu.view(), cfg, out.view(), {}, reference); },
+          Status::unsupported),
+      "reference backend has no KV-cache path");
+  Tensor sel(DType::int32, {3, hq, 1});
+  expect_contains(
+      error_of([&] { kv_cache_routing(f.cache, q.view(), cu.view(), cfg, sel.view()); }),
+      "selected: expected shape [3, 4, W] with W >= 3");
+}
+
+}  // namespace
+}  // namespace moba::testing
