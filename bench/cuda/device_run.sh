@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# One device session for the CUDA forward: GPU facts, the CUDA test suite,
-# compute-sanitizer (memcheck, racecheck) on a subset, the large-shape
-# correctness check against torch, and the benchmark. Logs and JSON go to
+# One device session for the CUDA backend: GPU facts, the CUDA test suites
+# (forward and backward), compute-sanitizer (memcheck, racecheck) on a subset
+# of each, the large-shape correctness check against torch, and the benchmark. Logs and JSON go to
 # $OUT. Each step has its own time limit so the whole run fits one call.
 #
 #   bench/cuda/device_run.sh DIR [STEPS]
-#     DIR    holds libmoba.so and test_cuda_forward (a -DBUILD_SHARED_LIBS=ON
-#            -DMOBA_CUDA=ON build, copied flat)
-#     STEPS  comma list of: tests,memcheck,racecheck,check,bench (default all)
+#     DIR    holds libmoba.so, test_cuda_forward and test_cuda_backward (a
+#            -DBUILD_SHARED_LIBS=ON -DMOBA_CUDA=ON build, copied flat)
+#     STEPS  comma list of: tests,memcheck,racecheck,bwd_tests,bwd_memcheck,
+#            bwd_racecheck,check,bench (default all)
 #   BENCH_ARGS  extra arguments for bench_forward.py
 set -uo pipefail
 dir=$1
-steps=${2:-tests,memcheck,racecheck,check,bench}
+steps=${2:-tests,memcheck,racecheck,bwd_tests,bwd_memcheck,bwd_racecheck,check,bench}
 out=${OUT:-/tmp/moba-out}
 mkdir -p "$out"
 export LD_LIBRARY_PATH="$dir:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export PYTHONUNBUFFERED=1
 test_bin="$dir/test_cuda_forward"
+bwd_bin="$dir/test_cuda_backward"
 has() { [[ ",$steps," == *",$1,"* ]]; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/device.txt"
@@ -41,6 +43,25 @@ if has racecheck; then
   timeout 150 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 "$test_bin" --gtest_brief=1 --gtest_filter="$race_filter" >"$out/racecheck.log" 2>&1
   echo "racecheck rc=$?" | tee -a "$out/racecheck.log"
   grep -E "RACECHECK SUMMARY|ERROR SUMMARY|PASSED|FAILED|hazard|rc=" "$out/racecheck.log" | head -20
+fi
+if has bwd_tests; then
+  echo "== backward tests"
+  timeout 240 "$bwd_bin" --gtest_brief=1 >"$out/bwd_tests.log" 2>&1
+  echo "bwd_tests rc=$?" | tee -a "$out/bwd_tests.log"
+  grep -E "PASSED|FAILED|Failure|error|Which is|rc=" "$out/bwd_tests.log" | head -60
+fi
+bwd_filter='Shapes/CudaBackwardSweep.DeterministicMatchesReference/varlen_empty_tiny_bf16_d128_gqa4:Shapes/CudaBackwardSweep.FastMatchesReference/tiny_block_16_shared_fp16:Shapes/CudaBackwardSweep.DeterministicMatchesReference/dense_chunked_prefill_bf16:CudaBackward.ManyChunksMatchOneChunk:CudaBackward.InvalidDeviceCuSeqlensGiveNaN:CudaBackward.KeysNoQueryAttendsGetZero'
+if has bwd_memcheck; then
+  echo "== backward memcheck"
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$bwd_bin" --gtest_brief=1 --gtest_filter="$bwd_filter" >"$out/bwd_memcheck.log" 2>&1
+  echo "bwd_memcheck rc=$?" | tee -a "$out/bwd_memcheck.log"
+  grep -E "ERROR SUMMARY|PASSED|FAILED|Invalid|rc=" "$out/bwd_memcheck.log" | head -20
+fi
+if has bwd_racecheck; then
+  echo "== backward racecheck"
+  timeout 150 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 "$bwd_bin" --gtest_brief=1 --gtest_filter="$bwd_filter" >"$out/bwd_racecheck.log" 2>&1
+  echo "bwd_racecheck rc=$?" | tee -a "$out/bwd_racecheck.log"
+  grep -E "RACECHECK SUMMARY|ERROR SUMMARY|PASSED|FAILED|hazard|rc=" "$out/bwd_racecheck.log" | head -20
 fi
 if has check; then
   echo "== check"

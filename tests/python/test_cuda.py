@@ -77,11 +77,6 @@ def test_forward_and_routing_match_cpu(case: tuple, dtype: torch.dtype) -> None:
 
 
 @needs_cuda_backend
-# Until the CUDA backward exists the op refuses with a ValueError ("not
-# implemented yet"); any other failure, or wrong gradients once it lands, fails.
-@pytest.mark.xfail(
-    raises=ValueError, strict=False, reason="the CUDA backward is not implemented yet"
-)
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("case", CASES)
 def test_gradients_match_naive(case: tuple, dtype: torch.dtype) -> None:

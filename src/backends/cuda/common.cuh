@@ -184,4 +184,21 @@ __device__ __forceinline__ bool locate_tile(const SeqTable& st, int tile, TileRo
   return true;
 }
 
+// The rows [*row_begin, *row_end) of row tiles [tile_begin, tile_end), in packed
+// query order (empty when the range holds no tile).
+__device__ inline void chunk_rows(const SeqTable& st, int tile_begin, int tile_end, int* row_begin,
+                                  int* row_end) {
+  const int total = st.tile_begin[st.batch];
+  const int t1 = min(tile_end, total);
+  if (tile_begin >= t1) {
+    *row_begin = *row_end = 0;
+    return;
+  }
+  TileRows first{}, last{};
+  locate_tile(st, tile_begin, first);
+  locate_tile(st, t1 - 1, last);
+  *row_begin = st.q_begin[first.seq] + first.first;
+  *row_end = st.q_begin[last.seq] + last.first + last.count;
+}
+
 }  // namespace moba::backends::cuda::detail

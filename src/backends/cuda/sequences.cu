@@ -138,22 +138,6 @@ __global__ void __launch_bounds__(256) block_means_kernel(const MeansArgs a) {
   }
 }
 
-// The chunk's rows [*row_begin, *row_end) in packed query order.
-__device__ void chunk_rows(const SeqTable& st, int tile_begin, int tile_end, int* row_begin,
-                           int* row_end) {
-  const int total = st.tile_begin[st.batch];
-  const int t1 = min(tile_end, total);
-  if (tile_begin >= t1) {
-    *row_begin = *row_end = 0;
-    return;
-  }
-  TileRows first{}, last{};
-  locate_tile(st, tile_begin, first);
-  locate_tile(st, t1 - 1, last);
-  *row_begin = st.q_begin[first.seq] + first.first;
-  *row_end = st.q_begin[last.seq] + last.first + last.count;
-}
-
 __global__ void count_kernel(const InvertArgs a) {
   __shared__ int rows;
   if (threadIdx.x == 0) {

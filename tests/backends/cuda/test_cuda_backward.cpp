@@ -1,0 +1,415 @@
+// The CUDA backward against the reference backend's (fp64) backward, through
+// the public API on device tensors and a non-default stream, in both modes;
+// the deterministic mode must be bitwise reproducible. Every test skips when
+// no GPU is present.
+//
+// out and lse come from the CUDA forward (as in training). Where the CUDA
+// routing legitimately differs from the reference's (a near tie, see the
+// forward's tests), the rows concerned and the keys of the blocks involved
+// are left out of the comparison; there may only be few.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "support/testing.hpp"
+
+namespace moba::testing {
+namespace {
+
+void cuda_ok(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (!backend_available(Backend::cuda)) GTEST_SKIP() << "no CUDA device"
+
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    if (bytes_ > 0) cuda_ok(cudaMalloc(&data_, bytes_), "cudaMalloc");
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() {
+    if (data_ != nullptr) (void)cudaFree(data_);
+  }
+  void* get() const { return data_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+size_t bytes_of(const Tensor& t) {
+  return static_cast<size_t>(t.numel() * dtype_size(t.dtype()));
+}
+
+void upload(const Tensor& t, DeviceBuffer& b) {
+  if (b.bytes() > 0)
+    cuda_ok(cudaMemcpy(b.get(), t.data(), b.bytes(), cudaMemcpyHostToDevice), "upload");
+}
+
+void download(const DeviceBuffer& b, Tensor& t) {
+  if (b.bytes() > 0)
+    cuda_ok(cudaMemcpy(t.data(), b.get(), b.bytes(), cudaMemcpyDeviceToHost), "download");
+}
+
+TensorView on_device(TensorView v, void* data) {
+  v.data = data;
+  v.device = Device{DeviceType::cuda, 0};
+  return v;
+}
+
+struct Grads {
+  Tensor dq, dk, dv;
+};
+
+// A workload on the device with a random dO; runs the forward, the routing
+// and the backward on a non-default stream.
+class BackwardRun {
+ public:
+  explicit BackwardRun(const Workload& w)
+      : w_(w),
+        dout_(w.new_out()),
+        q_(bytes_of(w.q)),
+        k_(bytes_of(w.k)),
+        v_(bytes_of(w.v)),
+        cu_q_(bytes_of(w.cu_q)),
+        cu_k_(bytes_of(w.cu_k)),
+        out_(bytes_of(dout_)),
+        dout_d_(bytes_of(dout_)),
+        lse_(bytes_of(w.new_lse())) {
+    std::mt19937_64 rng(w.c.seed + 99);
+    dout_.randn(rng);
+    upload(w.q, q_);
+    upload(w.k, k_);
+    upload(w.v, v_);
+    upload(w.cu_q, cu_q_);
+    upload(w.cu_k, cu_k_);
+    upload(dout_, dout_d_);
+    cuda_ok(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  }
+  ~BackwardRun() { (void)cudaStreamDestroy(stream_); }
+  BackwardRun(const BackwardRun&) = delete;
+  BackwardRun& operator=(const BackwardRun&) = delete;
+
+  Inputs inputs() const {
+    Inputs in;
+    in.q = on_device(w_.q.view(), q_.get());
+    in.k = on_device(w_.k.view(), k_.get());
+    in.v = on_device(w_.v.view(), v_.get());
+    in.cu_seqlens_q = on_device(w_.cu_q.view(), cu_q_.get());
+    in.cu_seqlens_k = on_device(w_.cu_k.view(), cu_k_.get());
+    const auto& lens_k = w_.c.lens_k.empty() ? w_.c.lens_q : w_.c.lens_k;
+    in.max_seqlen_q =
+        std::max<int64_t>(1, *std::max_element(w_.c.lens_q.begin(), w_.c.lens_q.end()));
+    in.max_seqlen_k = std::max<int64_t>(1, *std::max_element(lens_k.begin(), lens_k.end()));
+    return in;
+  }
+  ExecOptions options(bool deterministic) const {
+    ExecOptions o;
+    o.backend = Backend::cuda;
+    o.stream = stream_;
+    o.deterministic = deterministic;
+    return o;
+  }
+  const Tensor& dout() const { return dout_; }
+
+  void forward() {
+    Tensor out = w_.new_out(), lse = w_.new_lse();
+    moba::forward(inputs(), w_.config(), on_device(out.view(), out_.get()),
+                  on_device(lse.view(), lse_.get()), options(false));
+    cuda_ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  }
+
+  // Backward into NaN-poisoned gradients, copied back.
+  Grads backward(bool deterministic) const {
+    Grads g{w_.new_out(), Tensor(w_.c.dtype, {w_.total_k, w_.c.heads_kv, w_.c.head_dim}),
+            Tensor(w_.c.dtype, {w_.total_k, w_.c.heads_kv, w_.c.head_dim})};
+    DeviceBuffer dq(bytes_of(g.dq)), dk(bytes_of(g.dk)), dv(bytes_of(g.dv));
+    for (const DeviceBuffer* b : {&dq, &dk, &dv})
+      if (b->bytes()) cuda_ok(cudaMemset(b->get(), 0xff, b->bytes()), "memset");
+    Tensor out = w_.new_out(), lse = w_.new_lse();
+    moba::backward(inputs(), w_.config(), on_device(out.view(), out_.get()),
+                   on_device(dout_.view(), dout_d_.get()), on_device(lse.view(), lse_.get()),
+                   on_device(g.dq.view(), dq.get()), on_device(g.dk.view(), dk.get()),
+                   on_device(g.dv.view(), dv.get()), options(deterministic));
+    cuda_ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    download(dq, g.dq);
+    download(dk, g.dk);
+    download(dv, g.dv);
+    return g;
+  }
+
+  std::vector<int32_t> routing(int64_t width, Backend backend) const {
+    Tensor sel(DType::int32, {w_.total_q, w_.c.heads_q, width});
+    ExecOptions o;
+    o.backend = backend;
+    if (backend == Backend::cuda) {
+      DeviceBuffer d(bytes_of(sel));
+      o.stream = stream_;
+      moba::routing(inputs(), w_.config(), on_device(sel.view(), d.get()), o);
+      cuda_ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+      download(d, sel);
+    } else {
+      moba::routing(w_.inputs(), w_.config(), sel.view(), o);
+    }
+    const auto* p = static_cast<const int32_t*>(sel.data());
+    return std::vector<int32_t>(p, p + sel.numel());
+  }
+
+ private:
+  const Workload& w_;
+  Tensor dout_;
+  DeviceBuffer q_, k_, v_, cu_q_, cu_k_, out_, dout_d_, lse_;
+  cudaStream_t stream_ = nullptr;
+};
+
+Grads reference_gradients(const Workload& w, const Tensor& dout) {
+  Tensor out = w.new_out(), lse = w.new_lse();
+  ExecOptions o;
+  o.backend = Backend::reference;
+  forward(w.inputs(), w.config(), out.view(), lse.view(), o);
+  Grads g{w.new_out(), Tensor(w.c.dtype, {w.total_k, w.c.heads_kv, w.c.head_dim}),
+          Tensor(w.c.dtype, {w.total_k, w.c.heads_kv, w.c.head_dim})};
+  backward(w.inputs(), w.config(), out.view(), dout.view(), lse.view(), g.dq.view(), g.dk.view(),
+           g.dv.view(), o);
+  return g;
+}
+
+// Max error relative to max(1, the largest reference magnitude), over the
+// (token, head) rows not excluded.
+double scaled_error(const Tensor& got, const Tensor& want, int64_t heads, int64_t d,
+                    const std::set<std::pair<int64_t, int64_t>>& excluded, const char* name) {
+  double worst = 0.0, scale = 1.0;
+  for (int64_t i = 0; i < want.numel(); ++i) scale = std::max(scale, std::abs(double{want.get(i)}));
+  for (int64_t i = 0; i < want.numel(); ++i) {
+    if (excluded.count({i / d / heads, i / d % heads}) != 0) continue;
+    const double e = std::abs(double{got.get(i)} - double{want.get(i)});
+    if (!(e <= 1e30)) {
+      ADD_FAILURE() << name << "[" << i << "] = " << got.get(i) << ", not finite";
+      return INFINITY;
+    }
+    worst = std::max(worst, e);
+  }
+  return worst / scale;
+}
+
+double gradient_tolerance(DType dtype) {
+  return dtype == DType::float16 ? 1e-2 : 5e-2;
+}
+
+bool bitwise_equal(const Tensor& a, const Tensor& b) {
+  return std::equal(static_cast<const unsigned char*>(a.data()),
+                    static_cast<const unsigned char*>(a.data()) + bytes_of(a),
+                    static_cast<const unsigned char*>(b.data()));
+}
+
+void expect_gradients_match(const Case& c, bool deterministic) {
+  SCOPED_TRACE(describe(c) + (deterministic ? " deterministic" : " fast"));
+  const Workload w = make_workload(c);
+  BackwardRun run(w);
+  run.forward();
+  const Grads g = run.backward(deterministic);
+  const Grads ref = reference_gradients(w, run.dout());
+
+  // Rows whose CUDA routing differs from the reference (near ties), and the
+  // keys of every block either side picked for them.
+  const auto& lens_k = c.lens_k.empty() ? c.lens_q : c.lens_k;
+  const int64_t max_k = std::max<int64_t>(1, *std::max_element(lens_k.begin(), lens_k.end()));
+  const int64_t width = routing_width(max_k, w.config());
+  const std::vector<int32_t> got = run.routing(width, Backend::cuda),
+                             want = run.routing(width, Backend::reference);
+  std::set<std::pair<int64_t, int64_t>> rows, keys;
+  const auto* cq = static_cast<const int32_t*>(w.cu_q.data());
+  const auto* ck = static_cast<const int32_t*>(w.cu_k.data());
+  const int64_t group = c.heads_q / c.heads_kv;
+  for (size_t b = 0; b + 1 < static_cast<size_t>(w.cu_q.numel()); ++b)
+    for (int64_t t = cq[b]; t < cq[b + 1]; ++t)
+      for (int64_t h = 0; h < c.heads_q; ++h) {
+        const size_t at = static_cast<size_t>((t * c.heads_q + h) * width);
+        if (std::equal(got.begin() + static_cast<long>(at),
+                       got.begin() + static_cast<long>(at + width),
+                       want.begin() + static_cast<long>(at)))
+          continue;
+        rows.insert({t, h});
+        for (size_t s = at; s < at + static_cast<size_t>(width); ++s)
+          for (int32_t blk : {got[s], want[s]})
+            for (int64_t j = blk * c.block_size;
+                 blk >= 0 && j < std::min<int64_t>((blk + 1) * c.block_size, ck[b + 1] - ck[b]);
+                 ++j)
+              keys.insert({ck[b] + j, h / group});
+      }
+  EXPECT_LE(rows.size(), static_cast<size_t>(std::max<int64_t>(2, w.total_q * c.heads_q / 100)))
+      << "too many near-tie selection differences";
+
+  const double tol = gradient_tolerance(c.dtype);
+  EXPECT_LE(scaled_error(g.dq, ref.dq, c.heads_q, c.head_dim, rows, "dq"), tol);
+  EXPECT_LE(scaled_error(g.dk, ref.dk, c.heads_kv, c.head_dim, keys, "dk"), tol);
+  EXPECT_LE(scaled_error(g.dv, ref.dv, c.heads_kv, c.head_dim, keys, "dv"), tol);
+}
+
+struct NamedCase {
+  const char* name;
+  Case c;
+};
+
+Case make_case(std::vector<int32_t> lens_q, std::vector<int32_t> lens_k, int64_t hq, int64_t hkv,
+               int64_t d, int64_t block, int64_t top_k, DType dtype, bool shared = false,
+               uint64_t seed = 7) {
+  Case c;
+  c.lens_q = std::move(lens_q);
+  c.lens_k = std::move(lens_k);
+  c.heads_q = hq;
+  c.heads_kv = hkv;
+  c.head_dim = d;
+  c.block_size = block;
+  c.top_k = top_k;
+  c.dtype = dtype;
+  c.gqa_shared_routing = shared;
+  c.seed = seed;
+  return c;
+}
+
+constexpr DType bf16 = DType::bfloat16;
+constexpr DType f16 = DType::float16;
+
+const NamedCase kSweep[] = {
+    {"varlen_empty_tiny_bf16_d128_gqa4",
+     make_case({300, 0, 1, 517, 64}, {}, 8, 2, 128, 64, 3, bf16)},
+    {"varlen_fp16_d64_gqa8", make_case({400, 37}, {}, 8, 1, 64, 128, 3, f16)},
+    {"chunked_prefill_bf16_d128",
+     make_case({5, 100, 0, 64}, {900, 700, 50, 64}, 4, 4, 128, 256, 2, bf16)},
+    {"top_k_1_fp16", make_case({333, 2}, {}, 2, 1, 64, 64, 1, f16)},
+    {"top_k_ge_blocks_dense_fp16_d128", make_case({300, 0, 33}, {}, 4, 2, 128, 64, 100, f16)},
+    {"dense_chunked_prefill_bf16", make_case({40, 7}, {300, 7}, 2, 1, 64, 32, 50, bf16)},
+    {"partial_blocks_b48_fp16_d128", make_case({200, 77}, {}, 2, 2, 128, 48, 3, f16)},
+    {"block_100_bf16_d64", make_case({450}, {}, 4, 1, 64, 100, 3, bf16)},
+    {"tiny_block_1_bf16", make_case({70, 3}, {}, 4, 1, 64, 1, 3, bf16)},
+    {"tiny_block_3_wide_top_k_fp16", make_case({200}, {}, 2, 1, 128, 3, 20, f16)},
+    {"tiny_block_16_shared_fp16", make_case({257}, {}, 8, 2, 64, 16, 4, f16, true)},
+    {"shared_gqa8_bf16_d128", make_case({300, 90}, {400, 90}, 8, 1, 128, 64, 4, bf16, true)},
+};
+
+class CudaBackwardSweep : public ::testing::TestWithParam<NamedCase> {};
+
+TEST_P(CudaBackwardSweep, DeterministicMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  expect_gradients_match(GetParam().c, true);
+}
+
+TEST_P(CudaBackwardSweep, FastMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  expect_gradients_match(GetParam().c, false);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaBackwardSweep, ::testing::ValuesIn(kSweep),
+                         [](const ::testing::TestParamInfo<NamedCase>& info) {
+                           return std::string(info.param.name);
+                         });
+
+TEST(CudaBackward, RandomCasesMatchReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(77);
+  for (DType dtype : {bf16, f16})
+    for (int i = 0; i < 6; ++i)
+      expect_gradients_match(random_case(rng, dtype, {64, 128}, 200), i % 2 == 0);
+}
+
+// Deterministic mode: two runs bitwise equal. The fast mode's dq uses the
+// same fixed order, so it is bitwise equal too (only dK/dV use atomics).
+TEST(CudaBackward, DeterministicModeIsBitwiseReproducible) {
+  SKIP_WITHOUT_GPU();
+  for (const Case& c : {make_case({600, 3, 250}, {}, 8, 2, 128, 32, 4, bf16),
+                        make_case({500}, {}, 4, 1, 64, 64, 100, f16)}) {
+    SCOPED_TRACE(describe(c));
+    const Workload w = make_workload(c);
+    BackwardRun run(w);
+    run.forward();
+    const Grads a = run.backward(true), b = run.backward(true), fast = run.backward(false);
+    EXPECT_TRUE(bitwise_equal(a.dq, b.dq));
+    EXPECT_TRUE(bitwise_equal(a.dk, b.dk));
+    EXPECT_TRUE(bitwise_equal(a.dv, b.dv));
+    EXPECT_TRUE(bitwise_equal(a.dq, fast.dq));
+  }
+}
+
+// One row tile per chunk (a one-byte chunk budget): still the same gradients
+// within rounding (the dK/dV summation is regrouped by chunk).
+TEST(CudaBackward, ManyChunksMatchOneChunk) {
+  SKIP_WITHOUT_GPU();
+  const Case c = make_case({700, 130}, {}, 4, 2, 64, 32, 3, bf16);
+  const Workload w = make_workload(c);
+  BackwardRun run(w);
+  run.forward();
+  const Grads one = run.backward(true);
+  setenv("MOBA_CUDA_PARTIAL_BYTES", "1", 1);
+  const Grads many = run.backward(true), many_fast = run.backward(false);
+  unsetenv("MOBA_CUDA_PARTIAL_BYTES");
+  EXPECT_TRUE(bitwise_equal(one.dq, many.dq));
+  for (const Grads* g : {&many, &many_fast}) {
+    EXPECT_LE(scaled_error(g->dk, one.dk, c.heads_kv, c.head_dim, {}, "dk"), 1e-2);
+    EXPECT_LE(scaled_error(g->dv, one.dv, c.heads_kv, c.head_dim, {}, "dv"), 1e-2);
+  }
+}
+
+TEST(CudaBackward, KeysNoQueryAttendsGetZero) {
+  SKIP_WITHOUT_GPU();
+  // The second sequence has 40 keys and no queries: its keys get exactly zero.
+  const Case c = make_case({50, 0}, {50, 40}, 2, 1, 64, 16, 2, bf16);
+  const Workload w = make_workload(c);
+  BackwardRun run(w);
+  run.forward();
+  for (bool det : {true, false}) {
+    const Grads g = run.backward(det);
+    for (int64_t i = 50 * 64; i < g.dk.numel(); ++i) {
+      ASSERT_EQ(g.dk.get(i), 0.0f) << i;
+      ASSERT_EQ(g.dv.get(i), 0.0f) << i;
+    }
+  }
+}
+
+TEST(CudaBackward, InvalidDeviceCuSeqlensGiveNaN) {
+  SKIP_WITHOUT_GPU();
+  Case c = make_case({100, 60}, {}, 2, 1, 64, 32, 2, bf16);
+  Workload w = make_workload(c);
+  static_cast<int32_t*>(w.cu_q.data())[1] = 170;  // beyond total_q = 160, then decreasing
+  const BackwardRun run(w);
+  const Grads g = run.backward(true);
+  for (const Tensor* t : {&g.dq, &g.dk, &g.dv})
+    for (int64_t i = 0; i < t->numel(); ++i) ASSERT_TRUE(std::isnan(t->get(i))) << i;
+}
+
+TEST(CudaBackward, RejectsWhatItDoesNotSupport) {
+  SKIP_WITHOUT_GPU();
+  for (const auto& [c, needle] :
+       {std::pair{make_case({64}, {}, 2, 1, 64, 16, 2, DType::float32), "float32"},
+        std::pair{make_case({64}, {}, 2, 1, 96, 16, 2, bf16), "head dim"}}) {
+    const Workload w = make_workload(c);
+    const BackwardRun run(w);
+    Status status = Status::ok;
+    std::string msg;
+    try {
+      (void)run.backward(true);
+    } catch (const Error& e) {
+      status = e.status();
+      msg = e.what();
+    }
+    EXPECT_EQ(status, Status::unsupported) << msg;
+    EXPECT_NE(msg.find(needle), std::string::npos) << msg;
+  }
+}
+
+}  // namespace
+}  // namespace moba::testing
