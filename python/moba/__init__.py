@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch  # noqa: F401  (first: the native module must bind to torch's CUDA runtime, not the reverse)
+
 from . import _native
 from ._ops import BACKENDS, backend_available, moba_attn_varlen, routing
 from .naive import moba_naive
 
 if TYPE_CHECKING:
-    from .kv_cache import KVCache
     from ._hf import MobaSettings, configure, register, use_full_attention, use_moba
+    from .kv_cache import KVCache
     from .plot import plot_routing
 
 __version__: str = _native.version()
