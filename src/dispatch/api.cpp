@@ -137,6 +137,8 @@ Backend resolve(const core::Problem& p, Backend requested) {
   if (b == Backend::automatic) b = on_gpu ? Backend::cuda : Backend::cpu;
   if (b == Backend::cuda) {
 #ifdef MOBA_WITH_CUDA
+    if (!backends::cuda::device_available())
+      fail(Status::backend_unavailable, "backend cuda: no CUDA device is available");
     if (!on_gpu)
       fail(Status::invalid_argument,
            "backend cuda: expects tensors on a CUDA device, got host tensors");

@@ -311,8 +311,10 @@ void add_input_cases(std::vector<BadInput>& cases) {
       },
       Status::backend_unavailable, {"backend"}, {"cuda"});
 #else
-  add("backend_cuda_with_host_tensors", [](Scene& s) { s.opt.backend = Backend::cuda; }, kInvalid,
-      {"backend"}, {"cuda"});
+  // Without a GPU the backend itself is unavailable; with one, host tensors are refused.
+  add("backend_cuda_with_host_tensors", [](Scene& s) { s.opt.backend = Backend::cuda; },
+      backend_available(Backend::cuda) ? kInvalid : Status::backend_unavailable, {"backend"},
+      {"cuda"});
 #endif
 
   // max_seqlen bounds that are wrong (the longest sequence has 5 tokens).
