@@ -103,7 +103,7 @@ class KVCache:
     def paged(self) -> bool:
         return self.page_table is not None
 
-    def _cache_args(self) -> tuple[object, ...]:
+    def _cache_args(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, int]:
         return (self.k, self.v, self.page_table, self.seqlens, self.block_sums, self.block_size)
 
     def reset(self, sequences: int | list[int] | None = None) -> None:
@@ -186,7 +186,9 @@ class KVCache:
             torch.get_num_threads(),
         )
         out = out.view(q.shape)
-        return (out, lse) if return_lse else out
+        if lse is None:
+            return out
+        return out, lse
 
     def routing(
         self,
