@@ -19,57 +19,11 @@
 #include <utility>
 #include <vector>
 
+#include "backends/cuda/cuda_testing.hpp"
 #include "support/testing.hpp"
 
 namespace moba::testing {
 namespace {
-
-void cuda_ok(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
-#define SKIP_WITHOUT_GPU() \
-  if (!backend_available(Backend::cuda)) GTEST_SKIP() << "no CUDA device"
-
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    if (bytes_ > 0) cuda_ok(cudaMalloc(&data_, bytes_), "cudaMalloc");
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (data_ != nullptr) (void)cudaFree(data_);
-  }
-  void* get() const { return data_; }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* data_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-size_t bytes_of(const Tensor& t) {
-  return static_cast<size_t>(t.numel() * dtype_size(t.dtype()));
-}
-
-void upload(const Tensor& t, DeviceBuffer& b) {
-  if (b.bytes() > 0)
-    cuda_ok(cudaMemcpy(b.get(), t.data(), b.bytes(), cudaMemcpyHostToDevice), "upload");
-}
-
-void download(const DeviceBuffer& b, Tensor& t) {
-  if (b.bytes() > 0)
-    cuda_ok(cudaMemcpy(t.data(), b.get(), b.bytes(), cudaMemcpyDeviceToHost), "download");
-}
-
-TensorView on_device(TensorView v, void* data) {
-  v.data = data;
-  v.device = Device{DeviceType::cuda, 0};
-  return v;
-}
 
 struct Grads {
   Tensor dq, dk, dv;
@@ -77,60 +31,26 @@ struct Grads {
 
 // A workload on the device with a random dO; runs the forward, the routing
 // and the backward on a non-default stream.
-class BackwardRun {
+class BackwardRun : public DeviceWorkload {
  public:
   explicit BackwardRun(const Workload& w)
-      : w_(w),
+      : DeviceWorkload(w),
         dout_(w.new_out()),
-        q_(bytes_of(w.q)),
-        k_(bytes_of(w.k)),
-        v_(bytes_of(w.v)),
-        cu_q_(bytes_of(w.cu_q)),
-        cu_k_(bytes_of(w.cu_k)),
         out_(bytes_of(dout_)),
         dout_d_(bytes_of(dout_)),
         lse_(bytes_of(w.new_lse())) {
     std::mt19937_64 rng(w.c.seed + 99);
     dout_.randn(rng);
-    upload(w.q, q_);
-    upload(w.k, k_);
-    upload(w.v, v_);
-    upload(w.cu_q, cu_q_);
-    upload(w.cu_k, cu_k_);
     upload(dout_, dout_d_);
-    cuda_ok(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
   }
-  ~BackwardRun() { (void)cudaStreamDestroy(stream_); }
-  BackwardRun(const BackwardRun&) = delete;
-  BackwardRun& operator=(const BackwardRun&) = delete;
 
-  Inputs inputs() const {
-    Inputs in;
-    in.q = on_device(w_.q.view(), q_.get());
-    in.k = on_device(w_.k.view(), k_.get());
-    in.v = on_device(w_.v.view(), v_.get());
-    in.cu_seqlens_q = on_device(w_.cu_q.view(), cu_q_.get());
-    in.cu_seqlens_k = on_device(w_.cu_k.view(), cu_k_.get());
-    const auto& lens_k = w_.c.lens_k.empty() ? w_.c.lens_q : w_.c.lens_k;
-    in.max_seqlen_q =
-        std::max<int64_t>(1, *std::max_element(w_.c.lens_q.begin(), w_.c.lens_q.end()));
-    in.max_seqlen_k = std::max<int64_t>(1, *std::max_element(lens_k.begin(), lens_k.end()));
-    return in;
-  }
-  ExecOptions options(bool deterministic) const {
-    ExecOptions o;
-    o.backend = Backend::cuda;
-    o.stream = stream_;
-    o.deterministic = deterministic;
-    return o;
-  }
   const Tensor& dout() const { return dout_; }
 
   void forward() {
     Tensor out = w_.new_out(), lse = w_.new_lse();
     moba::forward(inputs(), w_.config(), on_device(out.view(), out_.get()),
                   on_device(lse.view(), lse_.get()), options(false));
-    cuda_ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    synchronize();
   }
 
   // Backward into NaN-poisoned gradients, copied back.
@@ -145,7 +65,7 @@ class BackwardRun {
                    on_device(dout_.view(), dout_d_.get()), on_device(lse.view(), lse_.get()),
                    on_device(g.dq.view(), dq.get()), on_device(g.dk.view(), dk.get()),
                    on_device(g.dv.view(), dv.get()), options(deterministic));
-    cuda_ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    synchronize();
     download(dq, g.dq);
     download(dk, g.dk);
     download(dv, g.dv);
@@ -158,9 +78,9 @@ class BackwardRun {
     o.backend = backend;
     if (backend == Backend::cuda) {
       DeviceBuffer d(bytes_of(sel));
-      o.stream = stream_;
+      o.stream = stream();
       moba::routing(inputs(), w_.config(), on_device(sel.view(), d.get()), o);
-      cuda_ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+      synchronize();
       download(d, sel);
     } else {
       moba::routing(w_.inputs(), w_.config(), sel.view(), o);
@@ -170,10 +90,8 @@ class BackwardRun {
   }
 
  private:
-  const Workload& w_;
   Tensor dout_;
-  DeviceBuffer q_, k_, v_, cu_q_, cu_k_, out_, dout_d_, lse_;
-  cudaStream_t stream_ = nullptr;
+  DeviceBuffer out_, dout_d_, lse_;
 };
 
 Grads reference_gradients(const Workload& w, const Tensor& dout) {
@@ -259,31 +177,6 @@ void expect_gradients_match(const Case& c, bool deterministic) {
   EXPECT_LE(scaled_error(g.dk, ref.dk, c.heads_kv, c.head_dim, keys, "dk"), tol);
   EXPECT_LE(scaled_error(g.dv, ref.dv, c.heads_kv, c.head_dim, keys, "dv"), tol);
 }
-
-struct NamedCase {
-  const char* name;
-  Case c;
-};
-
-Case make_case(std::vector<int32_t> lens_q, std::vector<int32_t> lens_k, int64_t hq, int64_t hkv,
-               int64_t d, int64_t block, int64_t top_k, DType dtype, bool shared = false,
-               uint64_t seed = 7) {
-  Case c;
-  c.lens_q = std::move(lens_q);
-  c.lens_k = std::move(lens_k);
-  c.heads_q = hq;
-  c.heads_kv = hkv;
-  c.head_dim = d;
-  c.block_size = block;
-  c.top_k = top_k;
-  c.dtype = dtype;
-  c.gqa_shared_routing = shared;
-  c.seed = seed;
-  return c;
-}
-
-constexpr DType bf16 = DType::bfloat16;
-constexpr DType f16 = DType::float16;
 
 const NamedCase kSweep[] = {
     {"varlen_empty_tiny_bf16_d128_gqa4",

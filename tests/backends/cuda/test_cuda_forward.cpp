@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "backends/cuda/cuda_testing.hpp"
 #include "core/dtype.hpp"
 #include "core/routing.hpp"
 #include "support/testing.hpp"
@@ -28,97 +29,10 @@
 namespace moba::testing {
 namespace {
 
-void cuda_ok(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
-}
-
-bool have_gpu() {
-  return backend_available(Backend::cuda);
-}
-
-#define SKIP_WITHOUT_GPU() \
-  if (!have_gpu()) GTEST_SKIP() << "no CUDA device"
-
-// An owned device allocation.
-class DeviceBuffer {
+// Forward and routing of a workload on the device.
+class DeviceRun : public DeviceWorkload {
  public:
-  DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    if (bytes_ > 0) cuda_ok(cudaMalloc(&data_, bytes_), "cudaMalloc");
-  }
-  DeviceBuffer(DeviceBuffer&& o) noexcept
-      : data_(std::exchange(o.data_, nullptr)), bytes_(o.bytes_) {}
-  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
-    std::swap(data_, o.data_);
-    std::swap(bytes_, o.bytes_);
-    return *this;
-  }
-  ~DeviceBuffer() {
-    if (data_ != nullptr) (void)cudaFree(data_);
-  }
-  void* get() const { return data_; }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* data_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-DeviceBuffer upload(const Tensor& t) {
-  DeviceBuffer b(static_cast<size_t>(t.numel() * dtype_size(t.dtype())));
-  if (b.bytes() > 0)
-    cuda_ok(cudaMemcpy(b.get(), t.data(), b.bytes(), cudaMemcpyHostToDevice), "upload");
-  return b;
-}
-
-void download(const DeviceBuffer& b, Tensor& t) {
-  if (b.bytes() > 0)
-    cuda_ok(cudaMemcpy(t.data(), b.get(), b.bytes(), cudaMemcpyDeviceToHost), "download");
-}
-
-TensorView on_device(TensorView v, void* data) {
-  v.data = data;
-  v.device = Device{DeviceType::cuda, 0};
-  return v;
-}
-
-// A workload's tensors on the device, and a stream the calls run on.
-class DeviceRun {
- public:
-  explicit DeviceRun(const Workload& w)
-      : w_(w),
-        q_(upload(w.q)),
-        k_(upload(w.k)),
-        v_(upload(w.v)),
-        cu_q_(upload(w.cu_q)),
-        cu_k_(upload(w.cu_k)) {
-    cuda_ok(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-  }
-  ~DeviceRun() { (void)cudaStreamDestroy(stream_); }
-  DeviceRun(const DeviceRun&) = delete;
-  DeviceRun& operator=(const DeviceRun&) = delete;
-
-  Inputs inputs() const {
-    Inputs in;
-    in.q = on_device(w_.q.view(), q_.get());
-    in.k = on_device(w_.k.view(), k_.get());
-    in.v = on_device(w_.v.view(), v_.get());
-    in.cu_seqlens_q = on_device(w_.cu_q.view(), cu_q_.get());
-    in.cu_seqlens_k = on_device(w_.cu_k.view(), cu_k_.get());
-    const auto& lens_k = w_.c.lens_k.empty() ? w_.c.lens_q : w_.c.lens_k;
-    in.max_seqlen_q =
-        std::max<int64_t>(1, *std::max_element(w_.c.lens_q.begin(), w_.c.lens_q.end()));
-    in.max_seqlen_k = std::max<int64_t>(1, *std::max_element(lens_k.begin(), lens_k.end()));
-    return in;
-  }
-  ExecOptions options() const {
-    ExecOptions o;
-    o.backend = Backend::cuda;
-    o.stream = stream_;
-    return o;
-  }
-  cudaStream_t stream() const { return stream_; }
+  using DeviceWorkload::DeviceWorkload;
 
   // Forward on the device into NaN-poisoned outputs, copied back.
   void forward(Tensor& out, Tensor& lse, const Inputs& in) const {
@@ -128,7 +42,7 @@ class DeviceRun {
     if (d_lse.bytes()) cuda_ok(cudaMemset(d_lse.get(), 0xff, d_lse.bytes()), "memset");
     moba::forward(in, w_.config(), on_device(out.view(), d_out.get()),
                   on_device(lse.view(), d_lse.get()), options());
-    cuda_ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    synchronize();
     download(d_out, out);
     download(d_lse, lse);
   }
@@ -142,16 +56,11 @@ class DeviceRun {
     if (d.bytes())
       cuda_ok(cudaMemcpy(d.get(), poison.data(), d.bytes(), cudaMemcpyHostToDevice), "poison");
     moba::routing(inputs(), w_.config(), on_device(sel.view(), d.get()), options());
-    cuda_ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    synchronize();
     download(d, sel);
     const auto* p = static_cast<const int32_t*>(sel.data());
     return std::vector<int32_t>(p, p + sel.numel());
   }
-
- private:
-  const Workload& w_;
-  DeviceBuffer q_, k_, v_, cu_q_, cu_k_;
-  cudaStream_t stream_ = nullptr;
 };
 
 int64_t width_of(const Workload& w) {
@@ -329,31 +238,6 @@ void expect_matches_reference(const Case& c) {
   forward(w.inputs(), w.config(), ref_out.view(), ref_lse.view(), o);
   check_forward(w, out, lse, ref_out, ref_lse, differing);
 }
-
-struct NamedCase {
-  const char* name;
-  Case c;
-};
-
-Case make_case(std::vector<int32_t> lens_q, std::vector<int32_t> lens_k, int64_t hq, int64_t hkv,
-               int64_t d, int64_t block, int64_t top_k, DType dtype, bool shared = false,
-               uint64_t seed = 7) {
-  Case c;
-  c.lens_q = std::move(lens_q);
-  c.lens_k = std::move(lens_k);
-  c.heads_q = hq;
-  c.heads_kv = hkv;
-  c.head_dim = d;
-  c.block_size = block;
-  c.top_k = top_k;
-  c.dtype = dtype;
-  c.gqa_shared_routing = shared;
-  c.seed = seed;
-  return c;
-}
-
-constexpr DType bf16 = DType::bfloat16;
-constexpr DType f16 = DType::float16;
 
 const NamedCase kSweep[] = {
     {"varlen_empty_tiny_bf16_d128_gqa4",
