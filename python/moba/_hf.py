@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._ops import BACKENDS, moba_attn_varlen
+from ._ops import _check_backend, _check_positive_int, moba_attn_varlen
 from .naive import moba_naive
 
 #: Names under which the attention functions are registered.
@@ -74,18 +74,11 @@ class MobaSettings:
 
     def __post_init__(self) -> None:
         for name in ("block_size", "top_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name}: expected >= 1, got {value}")
+            _check_positive_int(getattr(self, name), name)
         object.__setattr__(self, "full_attention_layers", _as_layers(self.full_attention_layers))
         if self.decode not in ("full", "moba"):
             raise ValueError(f"decode: expected 'full' or 'moba', got {self.decode!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(
-                f"backend: unknown name {self.backend!r}; expected one of {', '.join(BACKENDS)}"
-            )
+        _check_backend(self.backend)
         object.__setattr__(self, "gqa_shared_routing", bool(self.gqa_shared_routing))
 
     def to_dict(self) -> dict[str, Any]:

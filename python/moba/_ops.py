@@ -20,7 +20,7 @@ This module deliberately does not use ``from __future__ import annotations``:
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any, Literal, overload
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor
@@ -39,9 +39,7 @@ def backend_available(name: str) -> bool:
     ``backend_available("cuda")`` is true only when the library was built with its
     CUDA kernels and a GPU is present.
     """
-    if name not in BACKENDS:
-        raise ValueError(f"backend: unknown name {name!r}; expected one of {', '.join(BACKENDS)}")
-    return bool(_native.backend_available(name))
+    return bool(_native.backend_available(_check_backend(name)))
 
 
 # --------------------------------------------------------------------------
@@ -95,15 +93,23 @@ def _threads_of(t: Tensor) -> int:
 
 
 @contextmanager
-def _on_device(t: Tensor) -> Iterator[None]:
-    # DLPack export of a CUDA tensor requires its device to be the current one.
-    with torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext():
-        yield
+def _native_call(q: Tensor, backend: str) -> Iterator[tuple[int, int]]:
+    """Frames a native call: refuses tensors the backend cannot run on, makes q's
+    device the current one (DLPack export of a CUDA tensor requires it) and yields
+    the (num_threads, stream) arguments that every native call ends with."""
+    _require_native_device(q, backend)
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext():
+        yield _threads_of(q), _stream_of(q)
 
 
-def _max_seqlen(value: int, t: Tensor) -> int:
-    # On a GPU the library cannot read cu_seqlens, so it needs a positive bound.
-    return max(int(value), 1) if t.device.type == "cuda" else int(value)
+def _native_geometry(
+    q: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int
+) -> tuple[Tensor, Tensor, int, int]:
+    """The sequence arguments of the native calls, in their order."""
+    # On a GPU the library cannot read cu_seqlens, so it needs positive bounds.
+    if q.device.type == "cuda":
+        return cu_seqlens_q, cu_seqlens_k, max(int(max_seqlen_q), 1), max(int(max_seqlen_k), 1)
+    return cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k)
 
 
 def _routing_width(max_seqlen_k: int, block_size: int, top_k: int) -> int:
@@ -131,18 +137,14 @@ def _attn_fwd(
     gqa_shared_routing: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    _require_native_device(q, backend)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-    with _on_device(q):
+    with _native_call(q, backend) as context:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
         _native.forward(
             _native_view(q),
             _native_view(k),
             _native_view(v),
-            cu_seqlens_q,
-            cu_seqlens_k,
-            _max_seqlen(max_seqlen_q, q),
-            _max_seqlen(max_seqlen_k, q),
+            *_native_geometry(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
             out,
             lse,
             block_size,
@@ -150,8 +152,7 @@ def _attn_fwd(
             softmax_scale,
             gqa_shared_routing,
             backend,
-            _threads_of(q),
-            _stream_of(q),
+            *context,
         )
     return out, lse
 
@@ -194,19 +195,15 @@ def _attn_bwd(
     gqa_shared_routing: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _require_native_device(q, backend)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    with _on_device(q):
+    with _native_call(q, backend) as context:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         _native.backward(
             _native_view(q),
             _native_view(k),
             _native_view(v),
-            cu_seqlens_q,
-            cu_seqlens_k,
-            _max_seqlen(max_seqlen_q, q),
-            _max_seqlen(max_seqlen_k, q),
+            *_native_geometry(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
             _native_view(out),
             _native_view(_last_dim_contiguous(dout)),
             _native_view(lse),
@@ -218,8 +215,7 @@ def _attn_bwd(
             softmax_scale,
             gqa_shared_routing,
             backend,
-            _threads_of(q),
-            _stream_of(q),
+            *context,
             torch.are_deterministic_algorithms_enabled(),
         )
     return dq, dk, dv
@@ -278,24 +274,19 @@ def _routing(
     gqa_shared_routing: bool,
     backend: str,
 ) -> Tensor:
-    _require_native_device(q, backend)
-    width = _routing_width(max_seqlen_k, block_size, top_k)
-    selected = torch.empty((q.shape[0], q.shape[1], width), dtype=torch.int32, device=q.device)
-    with _on_device(q):
+    with _native_call(q, backend) as context:
+        width = _routing_width(max_seqlen_k, block_size, top_k)
+        selected = torch.empty((q.shape[0], q.shape[1], width), dtype=torch.int32, device=q.device)
         _native.routing(
             _native_view(q),
             _native_view(k),
-            cu_seqlens_q,
-            cu_seqlens_k,
-            _max_seqlen(max_seqlen_q, q),
-            _max_seqlen(max_seqlen_k, q),
+            *_native_geometry(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
             selected,
             block_size,
             top_k,
             gqa_shared_routing,
             backend,
-            _threads_of(q),
-            _stream_of(q),
+            *context,
         )
     return selected
 
@@ -415,6 +406,35 @@ def _resolve_geometry(
     return cu_seqlens_k, max_seqlen, max_seqlen_k
 
 
+class _Problem(NamedTuple):
+    """The checked sequence layout and block parameters of a call, in the order
+    the custom ops take them after their tensors (so ``*problem`` passes them on)."""
+
+    cu_seqlens_q: Tensor
+    cu_seqlens_k: Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    block_size: int
+    top_k: int
+
+
+def _check_problem(
+    q: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    moba_chunk_size: int,
+    moba_topk: int,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_k: int | None,
+) -> _Problem:
+    """Checks the arguments every public function takes after q, k, v (checked
+    first, by _check_qkv, with the dtypes that function accepts)."""
+    block_size = _check_positive_int(moba_chunk_size, "moba_chunk_size")
+    top_k = _check_positive_int(moba_topk, "moba_topk")
+    cu_k, max_q, max_k = _resolve_geometry(q, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    return _Problem(cu_seqlens, cu_k, max_q, max_k, block_size, top_k)
+
+
 def _check_scale(softmax_scale: float | None) -> float | None:
     if softmax_scale is None:
         return None
@@ -510,19 +530,14 @@ def moba_attn_varlen(
         ``out`` ``[total_q, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
     _check_qkv(q, k, v, _FLOAT_DTYPES)
-    block_size = _check_positive_int(moba_chunk_size, "moba_chunk_size")
-    top_k = _check_positive_int(moba_topk, "moba_topk")
-    cu_k, max_q, max_k = _resolve_geometry(q, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    problem = _check_problem(
+        q, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk, cu_seqlens_k, max_seqlen_k
+    )
     out, lse = _attn_fwd(
         _last_dim_contiguous(q),
         _last_dim_contiguous(k),
         _last_dim_contiguous(v),
-        cu_seqlens,
-        cu_k,
-        max_q,
-        max_k,
-        block_size,
-        top_k,
+        *problem,
         _check_scale(softmax_scale),
         bool(gqa_shared_routing),
         _check_backend(backend),
@@ -567,22 +582,18 @@ def routing(
             max_seqlen_k=max_seqlen_k,
         )
     _check_qkv(q, k, k, _FLOAT_DTYPES)
-    block_size = _check_positive_int(moba_chunk_size, "moba_chunk_size")
-    top_k = _check_positive_int(moba_topk, "moba_topk")
-    cu_k, max_q, max_k = _resolve_geometry(q, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
-    if max_k == 0 and q.device.type == "cpu":
+    problem = _check_problem(
+        q, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk, cu_seqlens_k, max_seqlen_k
+    )
+    if problem.max_seqlen_k == 0 and q.device.type == "cpu":
         # The output width depends on the longest key sequence; read it here.
-        lengths = cu_k[1:] - cu_k[:-1]
-        max_k = int(lengths.max().item()) if lengths.numel() else 0
+        lengths = problem.cu_seqlens_k[1:] - problem.cu_seqlens_k[:-1]
+        longest = int(lengths.max().item()) if lengths.numel() else 0
+        problem = problem._replace(max_seqlen_k=longest)
     selected: Tensor = _routing(
         _last_dim_contiguous(q).detach(),
         _last_dim_contiguous(k).detach(),
-        cu_seqlens,
-        cu_k,
-        max_q,
-        max_k,
-        block_size,
-        top_k,
+        *problem,
         bool(gqa_shared_routing),
         _check_backend(backend),
     )

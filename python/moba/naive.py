@@ -18,13 +18,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from ._ops import (
-    _check_positive_int,
-    _check_qkv,
-    _check_scale,
-    _resolve_geometry,
-    _routing_width,
-)
+from ._ops import _check_problem, _check_qkv, _check_scale, _routing_width
 
 _NAIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -178,9 +172,10 @@ def moba_naive(
     differentiable.
     """
     _check_qkv(q, k, v, _NAIVE_DTYPES)
-    block_size = _check_positive_int(moba_chunk_size, "moba_chunk_size")
-    top_k = _check_positive_int(moba_topk, "moba_topk")
-    cu_k, _, _ = _resolve_geometry(q, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    problem = _check_problem(
+        q, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk, cu_seqlens_k, max_seqlen_k
+    )
+    block_size, top_k, cu_k = problem.block_size, problem.top_k, problem.cu_seqlens_k
     scale = _check_scale(softmax_scale) or q.shape[2] ** -0.5
     _check_totals(q, k, cu_seqlens, cu_k)
 
@@ -230,9 +225,11 @@ def naive_routing(
 ) -> Tensor:
     """The selection of :func:`moba_naive` in the layout of :func:`moba.routing`."""
     _check_qkv(q, k, k, _NAIVE_DTYPES)
-    block_size = _check_positive_int(moba_chunk_size, "moba_chunk_size")
-    top_k = _check_positive_int(moba_topk, "moba_topk")
-    cu_k, _, max_k = _resolve_geometry(q, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    problem = _check_problem(
+        q, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk, cu_seqlens_k, max_seqlen_k
+    )
+    block_size, top_k, cu_k = problem.block_size, problem.top_k, problem.cu_seqlens_k
+    max_k = problem.max_seqlen_k
     _check_totals(q, k, cu_seqlens, cu_k)
     seqs = _sequences(cu_seqlens, cu_k)
     if max_k == 0:
