@@ -6,6 +6,8 @@
 * :func:`routing` -- the blocks each query selects;
 * :func:`register`, :func:`use_moba`, :func:`use_full_attention`, :func:`configure`
   -- the transformers attention backends ``"moba"`` and ``"moba_naive"``;
+* :class:`KVCache` -- decode from a cache with running block sums, and
+  :class:`MobaCache` / :func:`cache_for` -- a transformers ``Cache`` over it;
 * :func:`plot_routing` -- a picture of the routing of one head.
 """
 
@@ -20,6 +22,7 @@ from ._ops import BACKENDS, backend_available, moba_attn_varlen, routing
 from .naive import moba_naive
 
 if TYPE_CHECKING:
+    from ._cache import MobaCache, cache_for
     from ._hf import MobaSettings, configure, register, use_full_attention, use_moba
     from .kv_cache import KVCache
     from .plot import plot_routing
@@ -29,9 +32,11 @@ __version__: str = _native.version()
 __all__ = [
     "BACKENDS",
     "KVCache",
+    "MobaCache",
     "MobaSettings",
     "__version__",
     "backend_available",
+    "cache_for",
     "configure",
     "moba_attn_varlen",
     "moba_naive",
@@ -45,7 +50,9 @@ __all__ = [
 # transformers and matplotlib are optional: imported on first use only.
 _LAZY = {
     "KVCache": ".kv_cache",
+    "MobaCache": "._cache",
     "MobaSettings": "._hf",
+    "cache_for": "._cache",
     "configure": "._hf",
     "register": "._hf",
     "use_full_attention": "._hf",

@@ -22,7 +22,11 @@ Which layers and steps use MoBA:
 * ``decode="full"`` (default, the paper's choice): any step whose queries are
   fewer than the keys (decoding with a KV cache, chunked prefill) attends to
   the whole cache with full attention. ``decode="moba"`` routes those queries
-  too, through the op's ``cu_seqlens_k`` (queries at the last positions).
+  too: from the layer's :class:`moba.KVCache` (running block sums, only the
+  selected blocks read) when the model's cache is a :class:`moba.MobaCache`
+  and the tensors are on the CPU, otherwise through the op's ``cu_seqlens_k``
+  over the whole cache (queries at the last positions; the block means are
+  recomputed from every cached key each step).
 
 Full attention is PyTorch's ``scaled_dot_product_attention`` (as transformers'
 ``"sdpa"`` backend), with a causal/padding mask built only when needed.
@@ -36,13 +40,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from ._ops import _check_backend, _check_positive_int, moba_attn_varlen
 from .naive import moba_naive
+
+if TYPE_CHECKING:
+    from ._cache import MobaLayer
 
 #: Names under which the attention functions are registered.
 MOBA = "moba"
@@ -348,6 +355,13 @@ def _attention(
         return _full_attention(
             module, query, key, value, attention_mask, num_keys, scaling, kwargs
         ), None
+    # The KVCache decode runs on the cpu backend: other explicit backends keep the op path.
+    if not naive and q_len < num_keys and settings.backend in ("auto", "cpu"):
+        layer = _cached_layer(key, num_keys)
+        if layer is not None:
+            return _moba_decode_from_cache(
+                layer, query, attention_mask, num_keys, scaling, settings
+            ), None
     return _moba_attention(
         module, query, key, value, attention_mask, num_keys, scaling, settings, naive, kwargs
     ), None
@@ -501,6 +515,52 @@ def _moba_attention(
         padded = out.new_zeros((batch * q_len, heads_q, dim))
         out = padded.index_copy(0, scatter_rows, out)
     return out.view(batch, q_len, heads_q, dim)
+
+
+def _cached_layer(key: Tensor, num_keys: int) -> MobaLayer | None:
+    """The :class:`moba.MobaCache` layer ``key`` is a view of, when its
+    :class:`moba.KVCache` can serve this step (CPU tensors, all keys cached)."""
+    if not hasattr(key, "_moba_cache_layer"):
+        return None  # not from a MobaCache: no need to import transformers' cache module
+    from ._cache import layer_of
+
+    layer = layer_of(key)
+    if layer is None or key.device.type != "cpu" or layer.length != num_keys:
+        return None
+    if key.shape[2] != num_keys:
+        return None
+    return layer
+
+
+def _moba_decode_from_cache(
+    layer: MobaLayer,
+    query: Tensor,
+    attention_mask: Tensor | None,
+    num_keys: int,
+    scaling: float | None,
+    settings: MobaSettings,
+) -> Tensor:
+    """A decode (or chunked-prefill) step of a MoBA layer from the layer's
+    :class:`moba.KVCache`: routing from the running block sums, attention over
+    the selected blocks only. Padded queries get zeros, as in the op path."""
+    batch, heads_q, q_len, dim = query.shape
+    cache = layer.moba_cache(attention_mask, settings.block_size)
+    q = query.transpose(1, 2)  # [batch, q_len, Hq, D]
+    options: dict[str, Any] = {
+        "softmax_scale": scaling,
+        "gqa_shared_routing": settings.gqa_shared_routing,
+    }
+    if attention_mask is None:
+        out = cache.decode(q, settings.top_k, **options)
+        assert isinstance(out, Tensor)
+        return out
+    query_valid = attention_mask[:, num_keys - q_len :]
+    rows = query_valid.reshape(-1).nonzero().squeeze(1)
+    packed = q.reshape(batch * q_len, heads_q, dim).index_select(0, rows)
+    out = cache.decode(packed, settings.top_k, query_valid.sum(dim=1), **options)
+    assert isinstance(out, Tensor)
+    result = out.new_zeros((batch * q_len, heads_q, dim)).index_copy(0, rows, out)
+    return result.view(batch, q_len, heads_q, dim)
 
 
 def _full_attention(

@@ -40,6 +40,17 @@ def _cu_seqlens(counts: Tensor | list[int], batch: int, name: str) -> Tensor:
     return cu
 
 
+def _storage(given: Tensor | None, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    if given is None:
+        return torch.zeros(shape, dtype=dtype)
+    if tuple(given.shape) != shape or given.dtype != dtype:
+        raise ValueError(
+            f"{name}: expected a {list(shape)} {dtype} tensor for this layout, "
+            f"got {list(given.shape)} {given.dtype}"
+        )
+    return given
+
+
 class KVCache:
     """Keys and values of ``batch`` sequences plus their MoBA block sums.
 
@@ -56,6 +67,11 @@ class KVCache:
         page_table: ``[batch, max_pages]`` int32 to use instead of the default
             (slot ``b`` owns pages ``b * max_pages ...``); entries past a
             sequence's length are never read.
+        k, v: caller-owned storage to use instead of fresh zeros, shaped
+            ``[batch, capacity, Hkv, D]`` (contiguous) or
+            ``[num_pages, page_size, Hkv, D]`` (paged), of ``dtype``; any strides
+            with a contiguous head dim. Lets a cache share its buffers with other
+            views of the same keys (e.g. :class:`moba.MobaCache`).
     """
 
     def __init__(
@@ -70,6 +86,8 @@ class KVCache:
         page_size: int | None = None,
         num_pages: int | None = None,
         page_table: Tensor | None = None,
+        k: Tensor | None = None,
+        v: Tensor | None = None,
     ) -> None:
         if batch < 0 or capacity < 0:
             raise ValueError(f"batch/capacity: expected >= 0, got {batch}/{capacity}")
@@ -92,8 +110,8 @@ class KVCache:
                 num_pages = batch * max_pages
             shape = (num_pages, page_size, heads_kv, head_dim)
             self.capacity = max_pages * page_size
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = _storage(k, "k", shape, dtype)
+        self.v = _storage(v, "v", shape, dtype)
         self.seqlens = torch.zeros(batch, dtype=torch.int32)
         max_blocks = -(-self.capacity // self.block_size) if self.block_size > 0 else 0
         self.block_sums = torch.zeros((batch, max_blocks, heads_kv, head_dim), dtype=torch.float32)

@@ -102,3 +102,17 @@ def test_errors_name_the_argument() -> None:
         )
     cache.reset()
     assert cache.seqlens.tolist() == [0]
+
+
+def test_caller_owned_storage() -> None:
+    k_store, v_store = torch.zeros(2, 8, 1, 16), torch.zeros(2, 8, 1, 16)
+    cache = moba.KVCache(2, 8, 1, 16, 4, k=k_store, v=v_store)
+    k, v = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 1, 16)
+    cache.append(k, v)
+    assert cache.k is k_store
+    assert torch.equal(k_store[:, :3], k)
+    assert torch.equal(v_store[:, :3], v)
+    with pytest.raises(ValueError, match=r"k: expected a \[2, 8, 1, 16\] torch.float32 tensor"):
+        moba.KVCache(2, 8, 1, 16, 4, k=torch.zeros(2, 7, 1, 16), v=v_store)
+    with pytest.raises(ValueError, match=r"v: expected a \[16, 1, 1, 16\] torch.float32"):
+        moba.KVCache(2, 8, 1, 16, 4, page_size=1, k=k_store.view(16, 1, 1, 16), v=v_store)
