@@ -53,8 +53,7 @@ void add_scores(const Problem& p, int64_t row, int64_t head, const std::vector<d
 // for every query and head, with the routing of the spec.
 template <class Fn>
 void for_each_routed_query(const Problem& p, Fn&& fn) {
-  std::vector<int32_t> selected(
-      static_cast<size_t>(p.top_k > 0 ? std::min<int64_t>(p.top_k, 1 << 20) : 1));
+  std::vector<int32_t> selected;  // sized per sequence below
   for (const Sequence& s : p.sequences) {
     if (s.len_q == 0) continue;
     const int64_t n = core::num_blocks(s.len_k, p.block_size);
