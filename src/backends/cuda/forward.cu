@@ -46,30 +46,13 @@ void forward(const core::Problem& p, const core::Rows& out, const core::Lse& lse
   Workspace ws;
   const Tables tables = reserve_tables(ws, p.batch);
   const bool routed = !plan.dense && plan.past > 0;
-  int64_t kbar_off = 0, sel_off = 0, counts_off = 0, cursor_off = 0, entries_off = 0, descs_off = 0,
-          part_o_off = 0, part_lse_off = 0;
-  int64_t chunk_tiles = plan.tiles_bound, entries_bound = 0, descs_bound = 0;
-  const int64_t buckets = p.heads_kv * plan.blocks_bound;
+  Chunks chunks;
+  int64_t part_o_off = 0, part_lse_off = 0;
   if (routed) {
-    if (plan.ranks) kbar_off = ws.reserve(p.heads_kv * plan.blocks_bound * p.head_dim * 2);
-    const int64_t per_tile_entries = int64_t{kTileRows} * p.heads_q * plan.past;
-    if (per_tile_entries > INT32_MAX / 2)
-      fail(Status::unsupported,
-           "cuda backend: heads_q x (top_k - 1) is too large for one row tile");
-    // Partial output (input dtype) + lse + selection + entry + descriptor share.
-    const int64_t per_entry_bytes = p.head_dim * 2 + 4 + 4 + 4 + 16;
-    chunk_tiles = partial_budget() / (per_tile_entries * per_entry_bytes);
-    chunk_tiles = std::clamp<int64_t>(chunk_tiles, 1, std::max<int64_t>(plan.tiles_bound, 1));
-    chunk_tiles = std::min<int64_t>(chunk_tiles, (INT32_MAX / 2) / per_tile_entries);
-    entries_bound = chunk_tiles * per_tile_entries;
-    descs_bound = entries_bound / kTileRows + buckets;
-    sel_off = ws.reserve(entries_bound * 4);
-    counts_off = ws.reserve(buckets * 4);
-    cursor_off = ws.reserve(buckets * 4);
-    entries_off = ws.reserve(entries_bound * 4);
-    descs_off = ws.reserve(descs_bound * 16);
-    part_o_off = ws.reserve(entries_bound * p.head_dim * 2);
-    part_lse_off = ws.reserve(entries_bound * 4);
+    // Per entry: the partial output (input dtype) and its lse.
+    chunks = reserve_chunks(ws, p, plan, tiles_per_chunk(p, plan, p.head_dim * 2 + 4));
+    part_o_off = ws.reserve(chunks.entries_bound * p.head_dim * 2);
+    part_lse_off = ws.reserve(chunks.entries_bound * 4);
   }
   ws.allocate(stream);
   const SeqTable st = seq_table(ws, tables, p.batch);
@@ -85,43 +68,21 @@ void forward(const core::Problem& p, const core::Rows& out, const core::Lse& lse
       check(detail::launch_attention(elem, mode, attn, stream), "launch of the attention kernel");
     });
   } else {
-    void* kbar = plan.ranks ? ws.at<void>(kbar_off) : nullptr;
-    if (plan.ranks) block_means(p, plan, st, kbar, stream);
-    detail::RouteArgs route = route_args(p, plan, st, kbar);
-    route.sel = ws.at<int32_t>(sel_off);
-    route.sel_token_stride = p.heads_q * plan.past;
-    route.sel_head_stride = plan.past;
-    route.width = plan.past;
-    route.user_layout = false;
-    detail::InvertArgs inv{};
-    inv.sel = route.sel;
-    inv.entries_bound = entries_bound;
-    inv.seq = st;
-    inv.heads_q = static_cast<int>(p.heads_q);
-    inv.group = static_cast<int>(p.group);
-    inv.past = plan.past;
-    inv.blocks_bound = plan.blocks_bound;
-    inv.counts = ws.at<int32_t>(counts_off);
-    inv.cursor = ws.at<int32_t>(cursor_off);
-    inv.buckets = buckets;
-    inv.descs = ws.at<int4>(descs_off);
-    inv.num_descs = ws.at<int32_t>(tables.num_descs);
-    inv.entries = ws.at<int32_t>(entries_off);
+    if (plan.ranks) block_means(p, plan, st, ws.at<void>(chunks.kbar), stream);
+    detail::RouteArgs route = chunk_route_args(p, plan, st, ws, chunks);
+    detail::InvertArgs inv = invert_args(p, plan, st, ws, chunks, tables);
     attn.descs = inv.descs;
     attn.num_descs = inv.num_descs;
     attn.entries = inv.entries;
     attn.part_o = ws.at<void>(part_o_off);
     attn.part_lse = ws.at<float>(part_lse_off);
     attn.grid = static_cast<int>(
-        std::min<int64_t>(descs_bound, int64_t{2} * multiprocessors(p.device.index)));
-    for (int64_t t0 = 0; t0 < plan.tiles_bound; t0 += chunk_tiles) {
-      const int t1 = static_cast<int>(std::min(plan.tiles_bound, t0 + chunk_tiles));
-      route.tile_begin = inv.tile_begin = attn.tile_begin = static_cast<int>(t0);
-      route.tile_end = inv.tile_end = attn.tile_end = t1;
-      check(detail::launch_route(elem, route, stream), "launch of the routing kernel");
-      check(cudaMemsetAsync(inv.counts, 0, static_cast<size_t>(buckets) * 4, stream),
-            "cudaMemsetAsync");
-      check(detail::launch_invert(inv, stream), "launch of the selection-inversion kernels");
+        std::min<int64_t>(chunks.descs_bound, int64_t{2} * multiprocessors(p.device.index)));
+    for (int64_t t0 = 0; t0 < plan.tiles_bound; t0 += chunks.tiles) {
+      const int t1 = static_cast<int>(std::min(plan.tiles_bound, t0 + chunks.tiles));
+      route_and_invert(elem, route, inv, t0, t1, stream);
+      attn.tile_begin = static_cast<int>(t0);
+      attn.tile_end = t1;
       check(detail::launch_attention(elem, AttnMode::past, attn, stream),
             "launch of the past-block attention kernel");
       check(detail::launch_attention(elem, AttnMode::current, attn, stream),

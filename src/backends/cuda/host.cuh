@@ -1,8 +1,10 @@
 // Host-side machinery shared by the CUDA forward and backward: error checks,
 // the device guard, the stream-ordered workspace, argument checks, the plan
 // (geometry from upper bounds only) and the launch helpers for the sequence
-// tables, block means and routing. Moved out of forward.cu unchanged so the
-// backward recomputes the routing with exactly the forward's code.
+// tables, block means and routing, and the chunk builders (workspace layout,
+// routing and inversion arguments) of a routed call. One copy for both
+// directions, so the backward recomputes the routing with exactly the
+// forward's code and chunking.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -279,15 +281,6 @@ inline AttnArgs attn_args(const core::Problem& p, const core::Rows& out, const c
   return a;
 }
 
-// Launches over row tiles [0, tiles) in pieces whose grids (tiles x units
-// CTAs) stay within the 2^31 - 1 limit.
-template <class Fn>
-inline void for_tile_ranges(int64_t tiles, int64_t units, Fn&& fn) {
-  const int64_t step = std::max<int64_t>(1, (int64_t{INT32_MAX} / std::max<int64_t>(units, 1)));
-  for (int64_t t = 0; t < tiles; t += step)
-    fn(static_cast<int>(t), static_cast<int>(std::min(tiles, t + step)));
-}
-
 inline int64_t partial_budget() {
   if (const char* env = std::getenv("MOBA_CUDA_PARTIAL_BYTES")) {
     char* end = nullptr;
@@ -295,6 +288,104 @@ inline int64_t partial_budget() {
     if (end != env && v > 0) return v;
   }
   return kDefaultPartialBytes;
+}
+
+// The per-chunk buffers of a routed call (forward or backward), reserved in
+// one place so both directions chunk the queries identically: the selection
+// of the chunk's rows, the per-(kv head, block) entry lists and their
+// 128-entry tile descriptors.
+struct Chunks {
+  int64_t tiles = 0;          // row tiles per chunk
+  int64_t entries_bound = 0;  // selection entries of one chunk, at most
+  int64_t descs_bound = 0;
+  int64_t buckets = 0;  // heads_kv x blocks_bound
+  int64_t kbar = 0, sel = 0, counts = 0, cursor = 0, entries = 0, descs = 0;  // offsets
+};
+
+// Row tiles per chunk such that the chunk's selection, lists and
+// descriptors plus `extra_bytes_per_entry` per selection entry (the
+// forward's partial outputs, the backward's dq partials) stay within
+// partial_budget().
+inline int64_t tiles_per_chunk(const core::Problem& p, const Plan& plan,
+                               int64_t extra_bytes_per_entry) {
+  const int64_t per_tile_entries = int64_t{kTileRows} * p.heads_q * plan.past;
+  if (per_tile_entries > INT32_MAX / 2)
+    fail(Status::unsupported, "cuda backend: heads_q x (top_k - 1) is too large for one row tile");
+  // Selection + entry + descriptor share, plus the caller's own.
+  const int64_t per_entry_bytes = 4 + 4 + 16 + extra_bytes_per_entry;
+  int64_t tiles = partial_budget() / (per_tile_entries * per_entry_bytes);
+  tiles = std::clamp<int64_t>(tiles, 1, std::max<int64_t>(plan.tiles_bound, 1));
+  return std::min<int64_t>(tiles, (INT32_MAX / 2) / per_tile_entries);
+}
+
+inline Chunks reserve_chunks(Workspace& ws, const core::Problem& p, const Plan& plan,
+                             int64_t tiles) {
+  Chunks c;
+  c.tiles = tiles;
+  c.buckets = p.heads_kv * plan.blocks_bound;
+  if (plan.ranks) c.kbar = ws.reserve(p.heads_kv * plan.blocks_bound * p.head_dim * 2);
+  c.entries_bound = tiles * int64_t{kTileRows} * p.heads_q * plan.past;
+  c.descs_bound = c.entries_bound / kTileRows + c.buckets;
+  c.sel = ws.reserve(c.entries_bound * 4);
+  c.counts = ws.reserve(c.buckets * 4);
+  c.cursor = ws.reserve(c.buckets * 4);
+  c.entries = ws.reserve(c.entries_bound * 4);
+  c.descs = ws.reserve(c.descs_bound * 16);
+  return c;
+}
+
+// Routing of a chunk into its selection workspace: global block indices,
+// `past` slots per (row, head) padded with -1, rows relative to the chunk.
+inline detail::RouteArgs chunk_route_args(const core::Problem& p, const Plan& plan,
+                                          const SeqTable& st, const Workspace& ws,
+                                          const Chunks& c) {
+  detail::RouteArgs a = route_args(p, plan, st, plan.ranks ? ws.at<void>(c.kbar) : nullptr);
+  a.sel = ws.at<int32_t>(c.sel);
+  a.sel_token_stride = p.heads_q * plan.past;
+  a.sel_head_stride = plan.past;
+  a.width = plan.past;
+  a.user_layout = false;
+  return a;
+}
+
+inline detail::InvertArgs invert_args(const core::Problem& p, const Plan& plan, const SeqTable& st,
+                                      const Workspace& ws, const Chunks& c, const Tables& t) {
+  detail::InvertArgs a{};
+  a.sel = ws.at<int32_t>(c.sel);
+  a.entries_bound = c.entries_bound;
+  a.seq = st;
+  a.heads_q = static_cast<int>(p.heads_q);
+  a.group = static_cast<int>(p.group);
+  a.past = plan.past;
+  a.blocks_bound = plan.blocks_bound;
+  a.counts = ws.at<int32_t>(c.counts);
+  a.cursor = ws.at<int32_t>(c.cursor);
+  a.buckets = c.buckets;
+  a.descs = ws.at<int4>(c.descs);
+  a.num_descs = ws.at<int32_t>(t.num_descs);
+  a.entries = ws.at<int32_t>(c.entries);
+  return a;
+}
+
+// Routes the row tiles [t0, t1) and inverts their selection into the entry
+// lists and tile descriptors.
+inline void route_and_invert(Elem elem, detail::RouteArgs& route, detail::InvertArgs& inv,
+                             int64_t t0, int64_t t1, cudaStream_t stream) {
+  route.tile_begin = inv.tile_begin = static_cast<int>(t0);
+  route.tile_end = inv.tile_end = static_cast<int>(t1);
+  check(detail::launch_route(elem, route, stream), "launch of the routing kernel");
+  check(cudaMemsetAsync(inv.counts, 0, static_cast<size_t>(inv.buckets) * 4, stream),
+        "cudaMemsetAsync");
+  check(detail::launch_invert(inv, stream), "launch of the selection-inversion kernels");
+}
+
+// Launches over row tiles [0, tiles) in pieces whose grids (tiles x units
+// CTAs) stay within the 2^31 - 1 limit.
+template <class Fn>
+inline void for_tile_ranges(int64_t tiles, int64_t units, Fn&& fn) {
+  const int64_t step = std::max<int64_t>(1, (int64_t{INT32_MAX} / std::max<int64_t>(units, 1)));
+  for (int64_t t = 0; t < tiles; t += step)
+    fn(static_cast<int>(t), static_cast<int>(std::min(tiles, t + step)));
 }
 
 inline int multiprocessors(int device) {

@@ -193,6 +193,19 @@ const NamedCase kSweep[] = {
     {"tiny_block_3_wide_top_k_fp16", make_case({200}, {}, 2, 1, 128, 3, 20, f16)},
     {"tiny_block_16_shared_fp16", make_case({257}, {}, 8, 2, 64, 16, 4, f16, true)},
     {"shared_gqa8_bf16_d128", make_case({300, 90}, {400, 90}, 8, 1, 128, 64, 4, bf16, true)},
+    // The tensor-core kernels' tile boundaries: buckets with several 64-entry
+    // row tiles and current blocks of several 64-row tiles per head (1500
+    // rows, 12 blocks of 128: two 64-key tiles per block).
+    {"many_gathered_rows_bf16_d128_gqa4", make_case({1500}, {}, 8, 2, 128, 128, 3, bf16)},
+    // A group of 16 query heads on one kv head; blocks of 200 keys: three full
+    // 64-key tiles and one of 8.
+    {"gqa16_block_200_fp16_d64", make_case({900, 65}, {}, 16, 1, 64, 200, 3, f16)},
+    // The dense switch over many 64-key tiles, with more than 64 later rows
+    // per tile and a chunked prefill.
+    {"dense_long_bf16_d64", make_case({700, 130}, {700, 400}, 4, 2, 64, 128, 8, bf16)},
+    // Routed with a long chunked prefill: past and current rows of one key
+    // tile come from different halves of the sequence.
+    {"chunked_prefill_long_fp16_d128", make_case({600}, {1100}, 4, 1, 128, 96, 4, f16)},
 };
 
 class CudaBackwardSweep : public ::testing::TestWithParam<NamedCase> {};
@@ -239,7 +252,10 @@ TEST(CudaBackward, DeterministicModeIsBitwiseReproducible) {
 }
 
 // One row tile per chunk (a one-byte chunk budget): still the same gradients
-// within rounding (the dK/dV summation is regrouped by chunk).
+// within rounding (the dK/dV summation is regrouped by chunk), dq bitwise.
+// A 100000-byte budget gives the dq passes one row tile per chunk (1024
+// entries x 280 bytes) but the dK/dV pass 3-4 (28 or 24 bytes per entry),
+// so the backward routes twice, in two chunkings.
 TEST(CudaBackward, ManyChunksMatchOneChunk) {
   SKIP_WITHOUT_GPU();
   const Case c = make_case({700, 130}, {}, 4, 2, 64, 32, 3, bf16);
@@ -247,13 +263,17 @@ TEST(CudaBackward, ManyChunksMatchOneChunk) {
   BackwardRun run(w);
   run.forward();
   const Grads one = run.backward(true);
-  setenv("MOBA_CUDA_PARTIAL_BYTES", "1", 1);
-  const Grads many = run.backward(true), many_fast = run.backward(false);
-  unsetenv("MOBA_CUDA_PARTIAL_BYTES");
-  EXPECT_TRUE(bitwise_equal(one.dq, many.dq));
-  for (const Grads* g : {&many, &many_fast}) {
-    EXPECT_LE(scaled_error(g->dk, one.dk, c.heads_kv, c.head_dim, {}, "dk"), 1e-2);
-    EXPECT_LE(scaled_error(g->dv, one.dv, c.heads_kv, c.head_dim, {}, "dv"), 1e-2);
+  for (const char* budget : {"1", "100000"}) {
+    SCOPED_TRACE(std::string("MOBA_CUDA_PARTIAL_BYTES=") + budget);
+    setenv("MOBA_CUDA_PARTIAL_BYTES", budget, 1);
+    const Grads many = run.backward(true), many_fast = run.backward(false);
+    unsetenv("MOBA_CUDA_PARTIAL_BYTES");
+    EXPECT_TRUE(bitwise_equal(one.dq, many.dq));
+    EXPECT_TRUE(bitwise_equal(one.dq, many_fast.dq));
+    for (const Grads* g : {&many, &many_fast}) {
+      EXPECT_LE(scaled_error(g->dk, one.dk, c.heads_kv, c.head_dim, {}, "dk"), 1e-2);
+      EXPECT_LE(scaled_error(g->dv, one.dv, c.heads_kv, c.head_dim, {}, "dv"), 1e-2);
+    }
   }
 }
 
