@@ -10,6 +10,9 @@ median of CUDA-event timings after a warm-up.
 
   python3 bench/cuda/bench_forward.py --lib build/src/libmoba.so --out results.json
   python3 bench/cuda/bench_forward.py --lib ... --check     # large-shape correctness vs torch
+  python3 bench/cuda/bench_forward.py --lib ... --routing-only --out routing.json
+      # moba_routing alone (S at 128K/512K, P at 1M by default), plus the
+      # routing kernel's own time from one profiled call
 
 TFLOP/s count only the work each method must do: for MoBA the attention
 over the keys each query attends to (4*D flops per query, head and key) plus
@@ -360,6 +363,70 @@ def profile_case(moba: Moba, name: str, tokens: int) -> None:
     torch.cuda.empty_cache()
 
 
+def kernel_times_us(call: Callable[[], object]) -> dict[str, float]:
+    """CUDA time per kernel name (microseconds) of one call, under torch.profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None)
+        if us is None:
+            us = getattr(evt, "cuda_time_total", 0.0)
+        if us:
+            times[evt.key] = times.get(evt.key, 0.0) + float(us)
+    return times
+
+
+def routing_case(
+    moba: Moba, name: str, tokens: int, records: list[dict[str, Any]], meta: dict[str, Any]
+) -> None:
+    """Times the C routing entry (moba_routing: sequence tables, block means,
+    the routing kernel, the invalid-input check) for one config, and the
+    routing kernel alone from one profiled call."""
+    batch, hq, hkv, d, block, k = CONFIGS[name]
+    dev = torch.device("cuda")
+    total = batch * tokens
+    torch.manual_seed(tokens)
+    q = torch.randn(total, hq, d, device=dev, dtype=torch.bfloat16)
+    kk = torch.randn(total, hkv, d, device=dev, dtype=torch.bfloat16)
+    v = torch.empty(total, hkv, d, device=dev, dtype=torch.bfloat16)  # routing never reads v
+    cu = cu_seqlens([tokens] * batch, dev)
+    width = min(k, (tokens + block - 1) // block)
+    sel = torch.empty(total, hq, width, device=dev, dtype=torch.int32)
+    call = functools.partial(moba.routing, q, kk, v, cu, cu, tokens, tokens, block, k, sel)
+    ms = time_ms(call)
+    kernels = kernel_times_us(call)
+    route_us = sum(us for name_, us in kernels.items() if "route" in name_)
+    # Gate scores: one D-dot per (query, head, past block).
+    c = np.arange(tokens, dtype=np.int64) // block
+    flops = batch * hq * 2.0 * d * float(c.sum())
+    rec = dict(
+        meta,
+        config=name,
+        tokens=tokens,
+        batch=batch,
+        heads_q=hq,
+        heads_kv=hkv,
+        head_dim=d,
+        block_size=block,
+        top_k=k,
+        method="moba_cuda_routing",
+        median_ms=round(ms, 4),
+        route_kernel_ms=round(route_us / 1000.0, 4),
+        score_tflops=round(flops / (ms * 1e9), 2),
+        kernels_us={key: round(us, 1) for key, us in sorted(kernels.items())},
+    )
+    records.append(rec)
+    print(
+        f"routing {name:2s} {tokens:>8d}: call {ms:9.3f} ms, route kernel "
+        f"{route_us / 1000.0:9.3f} ms ({rec['score_tflops']} TFLOP/s of gate scores)",
+        flush=True,
+    )
+    del call, q, kk, v, sel
+    torch.cuda.empty_cache()
+
+
 # -------------------------------------------------------------- checks -----
 
 
@@ -460,13 +527,13 @@ def check(moba: Moba, log: Callable[[str], object]) -> bool:
         sel = torch.full((tokens, hq, width), -7, dtype=torch.int32, device=dev)
         moba.routing(q, k, v, cu, cu, tokens, tokens, block, top_k, sel)
         heads = list(range(8))
-        kbar, ref = torch_moba(q, k, v, block, top_k, heads)
+        kbar, ref_sel = torch_moba(q, k, v, block, top_k, heads)
         scale = 1.0 / math.sqrt(d)
         g = hq // hkv
         worst_out, worst_lse, mism, bad_ties = 0.0, 0.0, 0, 0
         pos = torch.arange(tokens, device=dev)
         for h in heads:
-            chosen_ref, scores = ref[h]
+            chosen_ref, scores = ref_sel[h]
             # -1 padding goes to a spare column (scatter with repeated
             # indices would leave the winner undefined).
             mine = torch.zeros(tokens, nb + 1, dtype=torch.bool, device=dev)
@@ -501,7 +568,7 @@ def check(moba: Moba, log: Callable[[str], object]) -> bool:
         log(line)
         out_has_nan = out.isnan().any().item()
         ok &= bad_ties == 0 and worst_out < 3e-2 and worst_lse < 2e-3 and not out_has_nan
-        del q, k, v, out, lse, sel, kbar, ref
+        del q, k, v, out, lse, sel, kbar, ref_sel
         torch.cuda.empty_cache()
     return ok
 
@@ -537,6 +604,16 @@ def main() -> None:
         help="CONFIG:TOKENS[,...]: per-kernel times of one MoBA call (torch.profiler)",
     )
     ap.add_argument(
+        "--routing-only",
+        action="store_true",
+        help="time moba_routing alone for --routing-cases and exit",
+    )
+    ap.add_argument(
+        "--routing-cases",
+        default="S:131072,S:524288,P:1048576",
+        help="CONFIG:TOKENS[,...] for --routing-only",
+    )
+    ap.add_argument(
         "--peer-max-tokens",
         type=int,
         default=262144,
@@ -565,6 +642,16 @@ def main() -> None:
     )
     print(f"device {meta['device']}, torch {meta['torch']}, cuDNN {meta['cudnn']}")
     records: list[dict[str, Any]] = []
+    if args.routing_only:
+        for item in args.routing_cases.split(","):
+            name, tokens = item.split(":")
+            if name not in CONFIGS:
+                ap.error(f"--routing-cases: config {name!r} is not one of {sorted(CONFIGS)}")
+            routing_case(moba, name, int(tokens), records, meta)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(records, f, indent=1)
+        return
     configs = args.configs.split(",")
     if "P" in configs:
         for n in map(int, args.p_tokens.split(",")):

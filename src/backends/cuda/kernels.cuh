@@ -70,7 +70,9 @@ cudaError_t launch_route(Elem elem, const RouteArgs& a, cudaStream_t stream);
 
 /// Inversion of a chunk's selection into per-(kv head, block) lists of
 /// entries (entry = flat index into the selection workspace) and tiles of up
-/// to kTileRows entries: count, scan (one CTA), fill.
+/// to kTileRows entries: count, scan (one CTA, over the buckets of the
+/// chunk's own sequences only; every other bucket gets an empty list at its
+/// offset, so cursor is the exclusive prefix over all buckets), fill.
 struct InvertArgs {
   const int32_t* sel;  // [rows_bound][heads_q][past]
   int64_t entries_bound;
