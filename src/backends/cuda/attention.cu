@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "backends/cuda/kernels.cuh"
+#include "backends/cuda/sm90_attention.cuh"
 
 namespace moba::backends::cuda::detail {
 namespace {
@@ -426,6 +427,10 @@ cudaError_t launch_mode(AttnMode mode, const AttnArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_attention(Elem elem, AttnMode mode, const AttnArgs& a, cudaStream_t stream) {
+  // Hopper with sm_90a code in the binary: the wgmma kernel (attention_sm90.cu)
+  // for dense attention and large blocks (sm90_switch.cuh says why).
+  if (sm90_attention_wanted(mode == AttnMode::dense, a.block_size) && sm90_attention_supported())
+    return launch_attention_sm90(elem, mode, a, stream);
   if (elem == Elem::bf16)
     return a.head_dim == 64 ? launch_mode<__nv_bfloat16, 64>(mode, a, stream)
                             : launch_mode<__nv_bfloat16, 128>(mode, a, stream);

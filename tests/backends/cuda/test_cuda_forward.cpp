@@ -506,5 +506,231 @@ TEST(CudaForward, EmptyBatchIsANoOp) {
   EXPECT_NO_THROW(run.forward(out, lse));
 }
 
+// ---- Routing with small blocks (the filter + per-row insertion kernel) ----
+
+// Sets every key of block j of its sequence to value(j, kv head, d), so the
+// block means are exactly those values.
+template <class Fn>
+void set_block_keys(Workload& w, Fn value) {
+  const auto* ck = static_cast<const int32_t*>(w.cu_k.data());
+  const Case& c = w.c;
+  for (int64_t b = 0; b + 1 < w.cu_k.numel(); ++b)
+    for (int64_t t = ck[b]; t < ck[b + 1]; ++t)
+      for (int64_t h = 0; h < c.heads_kv; ++h)
+        for (int64_t d = 0; d < c.head_dim; ++d)
+          w.k.set((t * c.heads_kv + h) * c.head_dim + d, value((t - ck[b]) / c.block_size, h, d));
+}
+
+// Hundreds of blocks whose means take only three values (0.25, 0.5, 1 times
+// a constant vector): every score is S, 2S or 4S for the row's S = sum of q,
+// so each row sees ~170 exactly tied blocks per value, across many 32-block
+// units, and must keep the lowest-indexed blocks of the best value, exactly
+// like the reference (powers of two keep the three classes exact multiples
+// in any summation order). Top-k 6 / 9 / 17 exercise a list with sentinels,
+// a full list of 8 and a full list of 16.
+TEST(CudaRouting, ExactTiesAcrossManyBlocks) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t top_k : {6, 9, 17})
+    for (bool shared : {false, true}) {
+      const Case c = make_case({2100, 700}, {2100, 900}, 4, 2, 128, 4, top_k, bf16, shared);
+      SCOPED_TRACE(describe(c));
+      Workload w = make_workload(c);
+      set_block_keys(w, [](int64_t j, int64_t h, int64_t) {
+        return 0.25f * static_cast<float>(1 << ((j + h) % 3));
+      });
+      const DeviceRun run(w);
+      const int64_t width = width_of(w);
+      EXPECT_EQ(run.routing(width), reference_routing(w, width));
+    }
+}
+
+// Sequences whose block counts sit on both sides of the kernel's 32-block
+// units and 64-block stages (block 2: 31..129 blocks), varlen and chunked
+// prefill (rows of one tile in different blocks, unaligned offsets).
+TEST(CudaRouting, BlockCountsAroundTheUnitBoundaries) {
+  SKIP_WITHOUT_GPU();
+  expect_matches_reference(
+      make_case({62, 63, 64, 65, 128, 129, 130, 190, 257}, {}, 2, 1, 64, 2, 5, bf16));
+  expect_matches_reference(make_case({40, 100, 1}, {200, 389, 130}, 2, 2, 128, 3, 17, f16));
+}
+
+// One block per token: the 128 rows of a tile have 128 different current
+// blocks, so the causal test runs in every unit of the scan.
+TEST(CudaRouting, EveryRowInItsOwnBlock) {
+  SKIP_WITHOUT_GPU();
+  expect_matches_reference(make_case({600}, {}, 2, 1, 64, 1, 8, bf16));
+}
+
+// GQA with small blocks, per head and shared by the group.
+TEST(CudaRouting, GqaWithSmallBlocks) {
+  SKIP_WITHOUT_GPU();
+  expect_matches_reference(make_case({500, 130}, {}, 8, 2, 64, 4, 12, f16));
+  expect_matches_reference(make_case({700, 300}, {}, 8, 2, 128, 8, 6, bf16, true));
+}
+
+// More past blocks kept than the register lists hold (top-k 24: the wide
+// path) with many candidates per row.
+TEST(CudaRouting, TopKBeyondTheRegisterLists) {
+  SKIP_WITHOUT_GPU();
+  expect_matches_reference(make_case({300, 77}, {}, 2, 1, 64, 2, 24, bf16));
+}
+
+// NaN in every block but three: rows keep the three real blocks and then
+// the lowest-indexed NaN blocks (NaN ranks lowest, ties to the lower
+// index), which keeps the kernel's threshold open (NaN) for the whole scan.
+TEST(CudaRouting, MostBlocksNan) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t top_k : {4, 8}) {
+    const Case c = make_case({300, 260}, {}, 2, 1, 64, 4, top_k, f16);
+    SCOPED_TRACE(describe(c));
+    Workload w = make_workload(c);
+    const auto* ck = static_cast<const int32_t*>(w.cu_k.data());
+    for (int64_t b = 0; b < 2; ++b)
+      for (int64_t block = 0; block * 4 < ck[b + 1] - ck[b]; ++block)
+        if (block != 5 && block != 40 && block != 60)
+          w.k.set((ck[b] + block * 4 + 1) * c.head_dim + 3, std::nanf(""));
+    const DeviceRun run(w);
+    const int64_t width = width_of(w);
+    EXPECT_EQ(run.routing(width), reference_routing(w, width));
+  }
+}
+
+// Many chunks with small blocks and GQA: each chunk's inversion scans only
+// its own sequences' buckets; the result must not change by a bit.
+TEST(CudaForward, ManyChunksWithSmallBlocks) {
+  SKIP_WITHOUT_GPU();
+  const Case c = make_case({300, 0, 170, 1, 200}, {}, 4, 2, 64, 4, 6, bf16);
+  const Workload w = make_workload(c);
+  const DeviceRun run(w);
+  Tensor out1 = w.new_out(), lse1 = w.new_lse(), out2 = w.new_out(), lse2 = w.new_lse();
+  run.forward(out1, lse1);
+  ASSERT_EQ(setenv("MOBA_CUDA_PARTIAL_BYTES", "1", 1), 0);  // one row tile per chunk
+  run.forward(out2, lse2);
+  unsetenv("MOBA_CUDA_PARTIAL_BYTES");
+  EXPECT_TRUE(bitwise_equal(out1, out2));
+  EXPECT_TRUE(bitwise_equal(lse1, lse2));
+  expect_matches_reference(c);
+}
+
+}  // namespace
+}  // namespace moba::testing
+
+// ---------------------------------------------------------------------------
+// The Hopper (sm_90a) attention kernel, attention_sm90.cu. On an H100 the
+// tests above already run it (it is the default there; MOBA_CUDA_SM90=0 runs
+// them on the mma.sync kernel). These pin each kernel in turn on the same
+// inputs, so a failure names the kernel, and print the largest differences
+// for a first look: test_cuda_forward --gtest_filter='CudaForwardSm90.*'
+#include <cstdio>
+
+#include "backends/cuda/sm90_switch.cuh"
+
+namespace moba::testing {
+namespace {
+
+namespace cuda_detail = ::moba::backends::cuda::detail;
+
+// Pins the attention kernel while alive; afterwards MOBA_CUDA_SM90 decides.
+class PinAttentionKernel {
+ public:
+  explicit PinAttentionKernel(bool sm90) { cuda_detail::set_sm90_attention_override(sm90 ? 1 : 0); }
+  ~PinAttentionKernel() { cuda_detail::set_sm90_attention_override(-1); }
+  PinAttentionKernel(const PinAttentionKernel&) = delete;
+  PinAttentionKernel& operator=(const PinAttentionKernel&) = delete;
+};
+
+#define SKIP_WITHOUT_SM90()                     \
+  SKIP_WITHOUT_GPU();                           \
+  if (!cuda_detail::sm90_attention_supported()) \
+  GTEST_SKIP() << "no compute capability 9.x device or no sm_90a code in this build"
+
+// Both kernels' out and lse on one workload (same routing: the routing
+// kernels are deterministic), compared with each other.
+void expect_kernels_agree(const char* name, const Case& c) {
+  SCOPED_TRACE(std::string(name) + ": " + describe(c));
+  const Workload w = make_workload(c);
+  const DeviceRun run(w);
+  Tensor out_mma = w.new_out(), lse_mma = w.new_lse();
+  Tensor out_sm90 = w.new_out(), lse_sm90 = w.new_lse();
+  {
+    const PinAttentionKernel pin(false);
+    run.forward(out_mma, lse_mma);
+  }
+  {
+    const PinAttentionKernel pin(true);
+    run.forward(out_sm90, lse_sm90);
+  }
+  const ErrorStats eo = compare(out_sm90.to_double(), out_mma.to_double());
+  const ErrorStats el = compare(lse_sm90.to_double(), lse_mma.to_double());
+  std::printf("[ sm90 vs mma.sync ] %-36s out max %.3e mean %.3e | lse max %.3e | finite %d\n",
+              name, eo.max_abs, eo.mean_abs, el.max_abs, eo.finite && el.finite ? 1 : 0);
+  EXPECT_TRUE(eo.finite && el.finite);
+  EXPECT_LE(eo.max_abs, output_tolerance(c.dtype));
+  EXPECT_LE(el.max_abs, lse_tolerance());
+}
+
+// Shapes for the three modes: past tiles of one stage (partial, masked) to
+// 32 stages (block 4096), more tiles than SMs (the persistent loop, both Q
+// buffers, stage phases across tiles), tiles of <= 64 rows (one idle
+// consumer warpgroup), varlen with empty sequences, chunked prefill, GQA and
+// shared routing, D 64/128, bf16/fp16.
+TEST(CudaForwardSm90, AgreesWithMmaSyncKernel) {
+  SKIP_WITHOUT_SM90();
+  const NamedCase cases[] = {
+      {"past_block_4096_bf16_d128", make_case({40}, {9000}, 4, 1, 128, 4096, 2, bf16)},
+      {"past_block_4096_fp16_d64", make_case({200, 8}, {12000, 4100}, 8, 2, 64, 4096, 3, f16)},
+      {"past_many_tiles_fp16_d64", make_case({8192}, {}, 16, 4, 64, 256, 4, f16)},
+      {"past_many_tiles_bf16_d128", make_case({6000, 2100}, {}, 8, 2, 128, 128, 6, bf16)},
+      {"past_block_48_fp16_d128", make_case({2000, 300}, {}, 8, 2, 128, 48, 4, f16)},
+      {"past_shared_gqa8_bf16_d64", make_case({1500}, {}, 8, 1, 64, 64, 5, bf16, true)},
+      {"varlen_empty_bf16_d128", make_case({300, 0, 1, 517, 64}, {}, 8, 2, 128, 64, 3, bf16)},
+      {"current_tiny_blocks_bf16_d128", make_case({1000, 77}, {}, 4, 2, 128, 16, 1, bf16)},
+      {"current_block_1_fp16_d64", make_case({300, 3}, {}, 4, 1, 64, 1, 1, f16)},
+      {"current_block_300_fp16_d64", make_case({1000}, {1400}, 4, 4, 64, 300, 1, f16)},
+      {"dense_many_tiles_bf16_d128", make_case({3000, 1000}, {}, 8, 2, 128, 256, 100, bf16)},
+      {"dense_chunked_prefill_fp16_d64",
+       make_case({100, 700}, {2000, 700}, 4, 4, 64, 128, 64, f16)},
+      {"dense_tiny_fp16_d128", make_case({1, 2, 65, 129}, {}, 2, 1, 128, 64, 100, f16)},
+  };
+  for (const NamedCase& nc : cases) expect_kernels_agree(nc.name, nc.c);
+}
+
+// The whole named sweep and the dense oracle with the Hopper kernel pinned:
+// the same checks as CudaSweep and TopKAtLeastBlocksIsDenseCausal, also
+// when MOBA_CUDA_SM90=0 is set for the rest of the run.
+TEST(CudaForwardSm90, SweepMatchesReference) {
+  SKIP_WITHOUT_SM90();
+  const PinAttentionKernel pin(true);
+  for (const NamedCase& nc : kSweep) {
+    SCOPED_TRACE(nc.name);
+    expect_matches_reference(nc.c);
+  }
+}
+
+TEST(CudaForwardSm90, DenseMatchesFp64Oracle) {
+  SKIP_WITHOUT_SM90();
+  const PinAttentionKernel pin(true);
+  for (DType dtype : {bf16, f16})
+    for (int64_t d : {64, 128}) {
+      const Case c =
+          make_case({700, 0, 33, 1}, {}, 4, 2, d, 64, 100, dtype, false, static_cast<uint64_t>(d));
+      SCOPED_TRACE(describe(c));
+      const Workload w = make_workload(c);
+      const DeviceRun run(w);
+      Tensor out = w.new_out(), lse = w.new_lse();
+      run.forward(out, lse);
+      std::vector<double> dense_out, dense_lse;
+      dense_causal_attention(w, dense_out, dense_lse);
+      const ErrorStats eo = compare(out.to_double(), dense_out),
+                       el = compare(lse.to_double(), dense_lse);
+      std::printf("[ sm90 vs fp64 dense ] dtype %s D %lld: out max %.3e | lse max %.3e\n",
+                  dtype == bf16 ? "bf16" : "fp16", static_cast<long long>(d), eo.max_abs,
+                  el.max_abs);
+      EXPECT_TRUE(eo.finite && el.finite);
+      EXPECT_LE(eo.max_abs, output_tolerance(dtype));
+      EXPECT_LE(el.max_abs, lse_tolerance());
+    }
+}
+
 }  // namespace
 }  // namespace moba::testing

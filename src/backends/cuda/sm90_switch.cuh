@@ -1,0 +1,31 @@
+// Host-side switch between the two attention kernels of the CUDA forward:
+// the Hopper kernel (attention_sm90.cu: wgmma, warp-specialised, sm_90a only)
+// and the mma.sync kernel (attention.cu: every architecture). Plain C++ (no
+// CUDA headers), so tests can include it.
+#pragma once
+
+namespace moba::backends::cuda::detail {
+
+/// Blocks below this size keep the mma.sync kernel in the routed modes by
+/// default: on an H100, config S (block 128) ran its forward in 148 ms with
+/// mma.sync and 179 ms with the Hopper kernel (short key loops do not fill its
+/// pipeline), while config P (block 4096) went from 2,672 to 2,148 ms. Sizes in
+/// between were not measured; 1024 keeps at least 8 key tiles per past block.
+inline constexpr int kSm90MinBlockSize = 1024;
+
+/// Whether the Hopper kernel should run this mode: MOBA_CUDA_SM90=1 (or the
+/// override) forces it, =0 forbids it; unset, it runs the dense mode and the
+/// routed modes of blocks of at least kSm90MinBlockSize keys.
+bool sm90_attention_wanted(bool dense, int block_size);
+
+/// Overrides MOBA_CUDA_SM90 for this process: 1 forces, 0 forbids, -1 goes
+/// back to the environment's choice. Tests use it to run both kernels on the
+/// same inputs; it is not meant to be changed while forwards are in flight on
+/// other threads.
+void set_sm90_attention_override(int allow);
+
+/// Whether the current device can run the Hopper kernel: compute capability
+/// 9.x and sm_90a code for it in this binary (regardless of the switch).
+bool sm90_attention_supported();
+
+}  // namespace moba::backends::cuda::detail
