@@ -10,6 +10,11 @@
  * moba_status, options may be NULL, and on failure the message naming the
  * offending argument is available from moba_last_error(), shared with the
  * prefill API (the calling thread's most recent call; "" after a success).
+ *
+ * A cache in host memory runs on the cpu backend, one on a CUDA device on the
+ * cuda backend (on options->stream, without host synchronization; values in
+ * device memory are checked on the device: see moba/kv_cache.hpp for what a
+ * violation does to the outputs and the cache).
  */
 #ifndef MOBA_KV_CACHE_H_
 #define MOBA_KV_CACHE_H_
@@ -35,7 +40,8 @@ typedef struct moba_kv_cache {
 
 /* Appends k_new / v_new [total_new, Hkv, D] (rows cu_seqlens_new[b] ..
  * cu_seqlens_new[b + 1] to sequence b), updating seqlens and the block sums.
- * Nothing is written when it fails. */
+ * Nothing is written when it fails (a device cache: the sequences whose device
+ * values break the contract are skipped, see moba/kv_cache.hpp). */
 moba_status moba_kv_cache_append(const moba_kv_cache* cache, const moba_tensor* k_new,
                                  const moba_tensor* v_new, const moba_tensor* cu_seqlens_new,
                                  const moba_options* options);
@@ -50,13 +56,14 @@ moba_status moba_kv_cache_decode(const moba_kv_cache* cache, const moba_tensor* 
                                  const moba_options* options);
 
 /* The blocks each query of a decode selects: selected [total_q, Hq, W] int32,
- * W >= moba_routing_width(max(seqlens), config); ascending, -1 padded. */
+ * W >= moba_routing_width(max(seqlens), config); ascending, -1 padded (a device
+ * cache: rows that do not fit W come back all -1). */
 moba_status moba_kv_cache_routing(const moba_kv_cache* cache, const moba_tensor* q,
                                   const moba_tensor* cu_seqlens_q, const moba_config* config,
                                   const moba_tensor* selected, const moba_options* options);
 
 /* Bytes of K and V that moba_kv_cache_decode reads for these queries, in
- * *bytes (for bandwidth figures). */
+ * *bytes (for bandwidth figures; synchronizes the stream of a device cache). */
 moba_status moba_kv_cache_bytes_read(const moba_kv_cache* cache, const moba_tensor* q,
                                      const moba_tensor* cu_seqlens_q, const moba_config* config,
                                      const moba_options* options, int64_t* bytes);

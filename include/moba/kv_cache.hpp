@@ -38,9 +38,47 @@
 // ceil(seqlens[b] / block_size); a block is (re)initialized when its first
 // token is appended, so recycling a slot only needs seqlens[b] = 0.
 //
-// K/V values and lengths must be host memory for the cpu backend; a CUDA
-// decode kernel is not part of this build (CUDA views are refused with
-// Status::backend_unavailable).
+// Backends: a cache in host memory runs on the cpu backend; a cache on a
+// CUDA device runs on the cuda backend (ExecOptions::backend automatic or
+// cuda; fp16/bf16, head dims 64 and 128, 16-byte aligned K/V rows and
+// block-sum rows). Every view of a call must be on the cache's device
+// (invalid_argument otherwise); a device cache on a build without CUDA or a
+// machine without a GPU gives Status::backend_unavailable.
+//
+// CUDA: everything runs on ExecOptions::stream, with no host
+// synchronization and no host read of device memory, so append, decode and
+// routing can be captured in a CUDA graph. The host validates only what it
+// knows (shapes, dtypes, strides, devices, alignment, block_size a multiple
+// of page_size); the values in device memory are checked by the kernels, and
+// a violation never reads or writes out of bounds:
+//   kv_cache_append   a sequence whose share breaks the contract (its
+//                     cu_seqlens_new pair decreasing or outside [0, total_new],
+//                     seqlens[b] outside [0, capacity], seqlens[b] + added >
+//                     capacity, or a page-table entry of a page it would
+//                     write outside [0, num_pages)) is left untouched: no K/V
+//                     row, block sum or length written. If cu_seqlens_new[0]
+//                     != 0 or cu_seqlens_new[batch] != total_new, nothing is
+//                     written at all.
+//   kv_cache_decode   if cu_seqlens_q does not start at 0, end at total_q and
+//                     never decrease, every out row and lse entry is NaN;
+//                     otherwise the rows of a sequence with len_q > seqlens,
+//                     seqlens outside [0, capacity], or a page-table entry
+//                     of a cached page (tokens [0, seqlens)) outside
+//                     [0, num_pages) are NaN, the other rows are computed.
+//   kv_cache_routing  the same rows come back all -1 (a valid row always
+//                     holds its current block), as do rows whose selection
+//                     does not fit W (W is only checked to be >= 1 on the host).
+// Per-call device memory is one stream-ordered allocation (cudaMallocAsync /
+// cudaFreeAsync on the stream, as moba::forward), sized from host-known
+// bounds: O(batch x Hkv x ceil(capacity / block_size)) bytes of tables, the
+// selection (total_q x Hq x min(top_k, blocks) int32), split-K partials
+// (Hq x slots x (D + 1) floats per query token; query tokens go in launches
+// whose partials fit 256 MiB) and, when the capacity holds more than 8,192
+// blocks, routing scores (4 bytes per block and routing row, within the same
+// budget). MOBA_CUDA_DECODE_BYTES overrides the 256 MiB.
+// Append allocates batch int32. kv_cache_bytes_read synchronizes the stream
+// (it returns a host value; a benchmark utility). docs/cuda_decode.md has the
+// design.
 #pragma once
 
 #include <cstdint>
@@ -69,8 +107,9 @@ struct KVCache {
 ///   cu_seqlens_new  [batch + 1] int32: sequence b receives rows
 ///                   cu_seqlens_new[b] .. cu_seqlens_new[b + 1] (0 rows: untouched)
 ///
-/// Throws (before writing anything) if a sequence would exceed the capacity
-/// or a page it needs is out of range.
+/// Host cache: throws (before writing anything) if a sequence would exceed
+/// the capacity or a page it needs is out of range. Device cache: those
+/// checks run on the device and skip the offending sequence (file comment).
 void kv_cache_append(const KVCache& cache, const TensorView& k_new, const TensorView& v_new,
                      const TensorView& cu_seqlens_new, const ExecOptions& options = {});
 
@@ -95,13 +134,16 @@ void kv_cache_decode(const KVCache& cache, const TensorView& q, const TensorView
 
 /// The routing kv_cache_decode uses: selected [total_q, Hq, W] int32 with W
 /// >= routing_width(max(seqlens), config), block indices ascending, -1 padded.
+/// (A device cache cannot check W on the host: a row that does not fit is all
+/// -1; min(top_k, ceil(capacity / block_size)) always fits.)
 void kv_cache_routing(const KVCache& cache, const TensorView& q, const TensorView& cu_seqlens_q,
                       const Config& config, const TensorView& selected,
                       const ExecOptions& options = {});
 
 /// Bytes of K and V a decode would read for these queries: the selected blocks
 /// of every kv group, each once (keys past a query's position excluded). For
-/// benchmarks (achieved bandwidth); it routes, so it costs about one routing.
+/// benchmarks (achieved bandwidth); it routes, so it costs about one routing
+/// (and, for a device cache, a stream synchronization).
 int64_t kv_cache_bytes_read(const KVCache& cache, const TensorView& q,
                             const TensorView& cu_seqlens_q, const Config& config,
                             const ExecOptions& options = {});

@@ -28,6 +28,10 @@ the block size in force:
 How the attention function finds the layer: ``update()`` tags the key view
 it returns with the layer (attribute ``_moba_cache_layer``); the attention
 function receives that same tensor object as ``key``.
+
+CPU buffers decode with the CPU kernels; CUDA buffers (float16/bfloat16, head
+dims 64 and 128) with the CUDA kernels on PyTorch's current stream
+(:meth:`MobaLayer.decodes_on` says whether a backend setting can use them).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import _native
 from .kv_cache import KVCache
 
 __all__ = ["MobaCache", "MobaLayer"]
@@ -122,6 +127,24 @@ class MobaLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         self.length = end
         return self._views()
 
+    def decodes_on(self, backend: str) -> bool:
+        """Whether :meth:`moba_cache` can serve a decode step of the op
+        backend ``backend`` ("auto", "cpu", "cuda", ...): CPU buffers with
+        "auto"/"cpu"; CUDA buffers with "auto"/"cuda" when the native library
+        has the CUDA backend and the dtype / head dim are ones its kernels
+        take. Other combinations keep the op path."""
+        if self.k_buffer is None:
+            return False
+        if self.k_buffer.device.type == "cpu":
+            return backend in ("auto", "cpu")
+        return (
+            self.k_buffer.device.type == "cuda"
+            and backend in ("auto", "cuda")
+            and bool(_native.built_with_cuda)
+            and self.k_buffer.dtype in (torch.float16, torch.bfloat16)
+            and self.k_buffer.shape[-1] in (64, 128)
+        )
+
     def moba_cache(self, attention_mask: Tensor | None, block_size: int) -> KVCache:
         """The :class:`KVCache` over this layer's buffers, synced with them.
 
@@ -161,7 +184,7 @@ class MobaLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
                 valid = (
                     attention_mask[:, start:end]
                     if attention_mask is not None
-                    else torch.ones(k_new.shape[:2], dtype=torch.bool)
+                    else torch.ones(k_new.shape[:2], dtype=torch.bool, device=k_new.device)
                 )
                 self._map_valid_columns(routing, valid, start)
                 counts = valid.sum(dim=1)
@@ -196,7 +219,7 @@ class MobaLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
                 block_size,
                 dtype=self.dtype,
                 page_size=1,
-                page_table=torch.zeros((batch, capacity), dtype=torch.int32),
+                page_table=torch.zeros((batch, capacity), dtype=torch.int32, device=self.device),
                 k=self.k_buffer.view(pool),
                 v=self.v_buffer.view(pool),
             )
@@ -256,7 +279,11 @@ class MobaLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
 
     def batch_select_indices(self, indices: Tensor) -> None:
         if self.k_buffer is not None:
-            self._rebatch(torch.arange(self.k_buffer.shape[0])[indices])
+            # On the buffers' device: a CUDA ``indices`` cannot index a CPU arange.
+            rows = torch.arange(self.k_buffer.shape[0], device=self.k_buffer.device)
+            if isinstance(indices, Tensor):
+                indices = indices.to(rows.device)
+            self._rebatch(rows[indices])
 
 
 class MobaCache(Cache):
@@ -272,8 +299,9 @@ class MobaCache(Cache):
     Pass it to ``model.generate(..., past_key_values=moba.MobaCache(model.config,
     max_cache_len))`` (one cache per generate call), or build it with
     :func:`moba.cache_for`. With ``attn_implementation="moba"`` and
-    ``decode="moba"``, decode steps of MoBA layers on CPU tensors then run
-    :meth:`moba.KVCache.decode` (O(blocks x D) routing, selected blocks read);
+    ``decode="moba"``, decode steps of MoBA layers then run
+    :meth:`moba.KVCache.decode` (O(blocks x D) routing, selected blocks read;
+    CPU tensors on the CPU kernels, CUDA tensors on the CUDA kernels);
     everything else reads the cached keys as a plain static-size cache.
     """
 
@@ -299,8 +327,11 @@ class MobaCache(Cache):
                 "config: MobaCache does not support sliding-window attention "
                 f"(sliding_window={text_config.sliding_window})"
             )
-        self.max_cache_len = max_cache_len
         super().__init__(layers=[MobaLayer(max_cache_len) for _ in range(num_layers)])
+        # Some transformers versions (5.17) derive a read-only max_cache_len from the
+        # layers; others read a plain attribute.
+        if not isinstance(getattr(type(self), "max_cache_len", None), property):
+            self.max_cache_len = max_cache_len
 
 
 def cache_for(model: torch.nn.Module, max_new_tokens: int, prompt_length: int) -> MobaCache:

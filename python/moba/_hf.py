@@ -355,10 +355,10 @@ def _attention(
         return _full_attention(
             module, query, key, value, attention_mask, num_keys, scaling, kwargs
         ), None
-    # The KVCache decode runs on the cpu backend: other explicit backends keep the op path.
-    if not naive and q_len < num_keys and settings.backend in ("auto", "cpu"):
+    # The KVCache decode runs where the layer's buffers live (cpu or cuda kernels).
+    if not naive and q_len < num_keys:
         layer = _cached_layer(key, num_keys)
-        if layer is not None:
+        if layer is not None and layer.decodes_on(settings.backend):
             return _moba_decode_from_cache(
                 layer, query, attention_mask, num_keys, scaling, settings
             ), None
@@ -519,13 +519,13 @@ def _moba_attention(
 
 def _cached_layer(key: Tensor, num_keys: int) -> MobaLayer | None:
     """The :class:`moba.MobaCache` layer ``key`` is a view of, when its
-    :class:`moba.KVCache` can serve this step (CPU tensors, all keys cached)."""
+    :class:`moba.KVCache` can serve this step (all keys cached)."""
     if not hasattr(key, "_moba_cache_layer"):
         return None  # not from a MobaCache: no need to import transformers' cache module
     from ._cache import layer_of
 
     layer = layer_of(key)
-    if layer is None or key.device.type != "cpu" or layer.length != num_keys:
+    if layer is None or layer.length != num_keys:
         return None
     if key.shape[2] != num_keys:
         return None

@@ -71,6 +71,7 @@ def kv_cache_append(
     v_new: Any,
     cu_seqlens_new: Any,
     num_threads: int,
+    stream: int,
 ) -> None: ...
 def kv_cache_decode(
     k: Any,
@@ -87,6 +88,7 @@ def kv_cache_decode(
     softmax_scale: float | None,
     gqa_shared_routing: bool,
     num_threads: int,
+    stream: int,
 ) -> None: ...
 def kv_cache_routing(
     k: Any,
@@ -101,7 +103,22 @@ def kv_cache_routing(
     top_k: int,
     gqa_shared_routing: bool,
     num_threads: int,
+    stream: int,
 ) -> None: ...
+def kv_cache_bytes_read(
+    k: Any,
+    v: Any,
+    page_table: Any | None,
+    seqlens: Any,
+    block_sums: Any,
+    block_size: int,
+    q: Any,
+    cu_seqlens_q: Any,
+    top_k: int,
+    gqa_shared_routing: bool,
+    num_threads: int,
+    stream: int,
+) -> int: ...
 def version() -> str: ...
 
 built_with_cuda: bool

@@ -223,11 +223,12 @@ moba::KVCache cache_of(const MutableArray& k, const MutableArray& v,
 void kv_cache_append(const MutableArray& k, const MutableArray& v,
                      const std::optional<Array>& page_table, const MutableArray& seqlens,
                      const MutableArray& block_sums, int64_t block_size, const Array& k_new,
-                     const Array& v_new, const Array& cu_seqlens_new, int num_threads) {
+                     const Array& v_new, const Array& cu_seqlens_new, int num_threads,
+                     uintptr_t stream) {
   const moba::KVCache cache = cache_of(k, v, page_table, seqlens, block_sums, block_size);
   const moba::TensorView kn = view_of(k_new, "k_new"), vn = view_of(v_new, "v_new");
   const moba::TensorView cu = view_of(cu_seqlens_new, "cu_seqlens_new");
-  const moba::ExecOptions options = options_of("auto", num_threads, 0, false);
+  const moba::ExecOptions options = options_of("auto", num_threads, stream, false);
   nb::gil_scoped_release release;
   moba::kv_cache_append(cache, kn, vn, cu, options);
 }
@@ -237,13 +238,14 @@ void kv_cache_decode(const MutableArray& k, const MutableArray& v,
                      const MutableArray& block_sums, int64_t block_size, const Array& q,
                      const Array& cu_seqlens_q, const MutableArray& out,
                      const std::optional<MutableArray>& lse, int64_t top_k,
-                     std::optional<float> softmax_scale, bool gqa_shared_routing, int num_threads) {
+                     std::optional<float> softmax_scale, bool gqa_shared_routing, int num_threads,
+                     uintptr_t stream) {
   const moba::KVCache cache = cache_of(k, v, page_table, seqlens, block_sums, block_size);
   const moba::TensorView qv = view_of(q, "q"), cu = view_of(cu_seqlens_q, "cu_seqlens_q");
   const moba::Config config = config_of(block_size, top_k, softmax_scale, gqa_shared_routing);
   const moba::TensorView out_view = view_of(out, "out");
   const moba::TensorView lse_view = lse ? view_of(*lse, "lse") : moba::TensorView{};
-  const moba::ExecOptions options = options_of("auto", num_threads, 0, false);
+  const moba::ExecOptions options = options_of("auto", num_threads, stream, false);
   nb::gil_scoped_release release;
   moba::kv_cache_decode(cache, qv, cu, config, out_view, lse_view, options);
 }
@@ -252,14 +254,27 @@ void kv_cache_routing(const MutableArray& k, const MutableArray& v,
                       const std::optional<Array>& page_table, const MutableArray& seqlens,
                       const MutableArray& block_sums, int64_t block_size, const Array& q,
                       const Array& cu_seqlens_q, const MutableArray& selected, int64_t top_k,
-                      bool gqa_shared_routing, int num_threads) {
+                      bool gqa_shared_routing, int num_threads, uintptr_t stream) {
   const moba::KVCache cache = cache_of(k, v, page_table, seqlens, block_sums, block_size);
   const moba::TensorView qv = view_of(q, "q"), cu = view_of(cu_seqlens_q, "cu_seqlens_q");
   const moba::Config config = config_of(block_size, top_k, std::nullopt, gqa_shared_routing);
   const moba::TensorView sel = view_of(selected, "selected");
-  const moba::ExecOptions options = options_of("auto", num_threads, 0, false);
+  const moba::ExecOptions options = options_of("auto", num_threads, stream, false);
   nb::gil_scoped_release release;
   moba::kv_cache_routing(cache, qv, cu, config, sel, options);
+}
+
+int64_t kv_cache_bytes_read(const MutableArray& k, const MutableArray& v,
+                            const std::optional<Array>& page_table, const MutableArray& seqlens,
+                            const MutableArray& block_sums, int64_t block_size, const Array& q,
+                            const Array& cu_seqlens_q, int64_t top_k, bool gqa_shared_routing,
+                            int num_threads, uintptr_t stream) {
+  const moba::KVCache cache = cache_of(k, v, page_table, seqlens, block_sums, block_size);
+  const moba::TensorView qv = view_of(q, "q"), cu = view_of(cu_seqlens_q, "cu_seqlens_q");
+  const moba::Config config = config_of(block_size, top_k, std::nullopt, gqa_shared_routing);
+  const moba::ExecOptions options = options_of("auto", num_threads, stream, false);
+  nb::gil_scoped_release release;
+  return moba::kv_cache_bytes_read(cache, qv, cu, config, options);
 }
 
 }  // namespace
@@ -309,18 +324,24 @@ NB_MODULE(_native, m) {
   m.def("kv_cache_append", &kv_cache_append, nb::arg("k"), nb::arg("v"),
         nb::arg("page_table").none(), nb::arg("seqlens"), nb::arg("block_sums"),
         nb::arg("block_size"), nb::arg("k_new"), nb::arg("v_new"), nb::arg("cu_seqlens_new"),
-        nb::arg("num_threads"), "Appends rows to a KV cache, updating seqlens and block sums.");
+        nb::arg("num_threads"), nb::arg("stream"),
+        "Appends rows to a KV cache, updating seqlens and block sums.");
   m.def("kv_cache_decode", &kv_cache_decode, nb::arg("k"), nb::arg("v"),
         nb::arg("page_table").none(), nb::arg("seqlens"), nb::arg("block_sums"),
         nb::arg("block_size"), nb::arg("q"), nb::arg("cu_seqlens_q"), nb::arg("out"),
         nb::arg("lse").none(), nb::arg("top_k"), nb::arg("softmax_scale").none(),
-        nb::arg("gqa_shared_routing"), nb::arg("num_threads"),
+        nb::arg("gqa_shared_routing"), nb::arg("num_threads"), nb::arg("stream"),
         "MoBA attention of the last positions of each sequence against a KV cache.");
   m.def("kv_cache_routing", &kv_cache_routing, nb::arg("k"), nb::arg("v"),
         nb::arg("page_table").none(), nb::arg("seqlens"), nb::arg("block_sums"),
         nb::arg("block_size"), nb::arg("q"), nb::arg("cu_seqlens_q"), nb::arg("selected"),
-        nb::arg("top_k"), nb::arg("gqa_shared_routing"), nb::arg("num_threads"),
+        nb::arg("top_k"), nb::arg("gqa_shared_routing"), nb::arg("num_threads"), nb::arg("stream"),
         "The blocks kv_cache_decode selects, into selected [total_q, Hq, W] int32.");
+  m.def("kv_cache_bytes_read", &kv_cache_bytes_read, nb::arg("k"), nb::arg("v"),
+        nb::arg("page_table").none(), nb::arg("seqlens"), nb::arg("block_sums"),
+        nb::arg("block_size"), nb::arg("q"), nb::arg("cu_seqlens_q"), nb::arg("top_k"),
+        nb::arg("gqa_shared_routing"), nb::arg("num_threads"), nb::arg("stream"),
+        "Bytes of K and V kv_cache_decode reads for these queries (synchronizes a CUDA stream).");
   m.def("version", &moba::version, "Version of the moba C++ library.");
 #ifdef MOBA_WITH_CUDA
   m.attr("built_with_cuda") = true;

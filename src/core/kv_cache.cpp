@@ -44,13 +44,18 @@ void check_same_device(const TensorView& t, const std::string& name, const Devic
     fail(Status::invalid_argument, name + ": on a different device than cache.k");
 }
 
-std::vector<int64_t> read_cu_seqlens(const TensorView& cu, const char* name, int64_t batch,
-                                     int64_t total) {
+// What is known of a cu_seqlens tensor without reading it: rank, dtype, size.
+void check_cu_view(const TensorView& cu, const char* name, int64_t batch) {
   check_view(cu, name, 1, "[batch + 1]", DType::int32);
   if (cu.shape[0] != batch + 1)
     fail(Status::invalid_argument, std::string(name) + ": expected " + str(batch + 1) +
                                        " entries (batch + 1, batch from the cache), got " +
                                        str(cu.shape[0]));
+}
+
+// The values of a host cu_seqlens, checked against the contract.
+std::vector<int64_t> read_cu_seqlens(const TensorView& cu, const char* name, int64_t batch,
+                                     int64_t total) {
   const auto* p = static_cast<const int32_t*>(cu.data);
   std::vector<int64_t> v(static_cast<size_t>(batch + 1));
   for (int64_t i = 0; i <= batch; ++i) v[static_cast<size_t>(i)] = p[i * cu.strides[0]];
@@ -208,7 +213,13 @@ Append make_append(const Cache& c, const TensorView& k_new, const TensorView& v_
     fail(Status::invalid_argument,
          "v_new: expected " + str(k_new.shape[0]) + " rows like k_new, got " + str(v_new.shape[0]));
   check_same_device(cu_seqlens_new, "cu_seqlens_new", c.device);
-  a.begin = read_cu_seqlens(cu_seqlens_new, "cu_seqlens_new", c.batch, k_new.shape[0]);
+  check_cu_view(cu_seqlens_new, "cu_seqlens_new", c.batch);
+  a.total = k_new.shape[0];
+  a.cu = static_cast<const int32_t*>(cu_seqlens_new.data);
+  a.cu_stride = cu_seqlens_new.strides[0];
+  // Device values are checked by the device backend (see kv_cache.hpp).
+  if (c.device.type != DeviceType::cpu) return a;
+  a.begin = read_cu_seqlens(cu_seqlens_new, "cu_seqlens_new", c.batch, a.total);
   for (int64_t b = 0; b < c.batch; ++b) {
     const int64_t added = a.begin[static_cast<size_t>(b + 1)] - a.begin[static_cast<size_t>(b)];
     if (added == 0) continue;
@@ -254,6 +265,11 @@ Decode make_decode(const Cache& c, const TensorView& q, const TensorView& cu_seq
   d.gqa_shared_routing = config.gqa_shared_routing;
 
   check_same_device(cu_seqlens_q, "cu_seqlens_q", c.device);
+  check_cu_view(cu_seqlens_q, "cu_seqlens_q", c.batch);
+  d.cu_q = static_cast<const int32_t*>(cu_seqlens_q.data);
+  d.cu_q_stride = cu_seqlens_q.strides[0];
+  // Device values are checked by the device backend (see kv_cache.hpp).
+  if (c.device.type != DeviceType::cpu) return d;
   d.q_begin = read_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", c.batch, d.total_q);
   d.len_k.resize(static_cast<size_t>(c.batch));
   for (int64_t b = 0; b < c.batch; ++b) {

@@ -51,32 +51,44 @@ struct Cache {
 };
 
 /// Validates the cache description (not the page-table entries: see
-/// check_pages). Throws moba::Error naming the offending field.
+/// check_pages; the seqlens values only for a host cache). Throws
+/// moba::Error naming the offending field.
 Cache make_cache(const KVCache& cache);
 
 /// Checks that the page-table entries of sequence `seq` covering tokens
 /// [0, end) are valid page indices.
 void check_pages(const Cache& cache, int64_t seq, int64_t end);
 
-/// A validated append: new rows per sequence.
+/// A validated append: new rows per sequence. For a host cache the
+/// cu_seqlens_new values are read and checked here (`begin`); for a device
+/// cache only what the host knows is checked (shapes, dtypes, devices) and
+/// the device backend checks the values (see include/moba/kv_cache.hpp).
 struct Append {
   Rows k, v;
-  std::vector<int64_t> begin;  // per sequence: first new row in k_new (batch + 1 entries)
+  int64_t total = 0;            // rows of k_new / v_new
+  const int32_t* cu = nullptr;  // cu_seqlens_new as given (host or device memory)
+  int64_t cu_stride = 1;
+  std::vector<int64_t> begin;  // host caches: first new row of each sequence (batch + 1 entries)
 };
 
 Append make_append(const Cache& cache, const TensorView& k_new, const TensorView& v_new,
                    const TensorView& cu_seqlens_new);
 
 /// A validated decode: the queries of each sequence are its last positions.
+/// As for Append, the per-sequence values (q_begin, len_k, max_len_k) are
+/// read and checked here only for a host cache; a device backend reads
+/// cu_q and the cache's seqlens on the device.
 struct Decode {
   Rows q;
   int64_t total_q = 0, heads_q = 0, group = 1;
   int64_t top_k = 0;
   float softmax_scale = 1.0f;
   bool gqa_shared_routing = false;
-  std::vector<int64_t> q_begin;  // batch + 1 entries
-  std::vector<int64_t> len_k;    // batch entries: cached length of each sequence
-  int64_t max_len_k = 0;
+  const int32_t* cu_q = nullptr;  // cu_seqlens_q as given (host or device memory)
+  int64_t cu_q_stride = 1;
+  std::vector<int64_t> q_begin;  // host caches: batch + 1 entries
+  std::vector<int64_t> len_k;    // host caches: cached length of each sequence
+  int64_t max_len_k = 0;         // host caches
 
   int64_t len_q(int64_t seq) const noexcept {
     return q_begin[static_cast<size_t>(seq + 1)] - q_begin[static_cast<size_t>(seq)];

@@ -1,0 +1,1328 @@
+// MoBA decode and chunked prefill against a KV cache on the GPU
+// (include/moba/kv_cache.hpp; docs/cuda_decode.md explains the design).
+//
+//   append    validate (1 CTA per sequence: cu_seqlens_new, capacity, pages;
+//             advances seqlens) -> copy + block sums (1 CTA per (sequence,
+//             touched block): fp32 sums in token order, as the CPU)
+//   decode    validate (1 CTA per sequence: cu_seqlens_q, len_q <= seqlens,
+//             pages; zeroes the per-call tables, NaN rows of invalid
+//             sequences) -> route (1 CTA per routing row: scores against the
+//             block means from the sums, exact radix top-k; the first row of
+//             a kv group to choose a block appends it to a work list) ->
+//             attend (1 CTA per (work item, key chunk): the block's chunk is
+//             read once for every query row of the kv group that selected
+//             it, 16-byte loads, online softmax on the CUDA cores, one
+//             partial per row; the CTA writing a row's last partial merges
+//             the row by log-sum-exp into out / lse)
+//
+// Nothing here synchronizes or reads device memory on the host (except
+// kv_bytes_read, a benchmark utility). Grids come from host-known bounds
+// (batch, capacity, total_q); work items past a sequence's real length exit
+// at once. Values only the device knows are checked there: a violation
+// leaves the sequence's cache untouched (append) or fills its rows with NaN
+// (decode) / -1 (routing), never reading or writing out of bounds.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "backends/cuda/common.cuh"
+#include "backends/cuda/decode.hpp"
+#include "backends/cuda/host.cuh"
+#include "core/routing.hpp"
+
+namespace moba::backends::cuda {
+namespace {
+
+using detail::from_float;
+using detail::to_float;
+using detail::unpack2;
+using detail::upper_index;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kThreads = 128;          // append and attend: 4 warps
+constexpr int kValidateThreads = 512;  // decode validation: page-table scan of a long sequence
+constexpr int kRouteThreads = 512;     // route: 16 warps score blocks kRouteBatch at a time
+constexpr int kRouteBatch = 8;         // block sums in flight per routing warp
+constexpr int kWaves = 4;              // attention CTAs per resident slot, at least (tail <= 1/4)
+constexpr int kKeyLoads = 4;           // 16-byte K and V loads in flight per lane and step
+constexpr int kSmemScores = 8192;   // routing scores kept in shared memory up to this many blocks
+constexpr int kDenseUnits = 64;     // key ranges per sequence when top_k covers every block
+constexpr int64_t kMinChunk = 128;  // keys per split-K chunk, at least
+constexpr int64_t kDefaultDecodeBytes = int64_t{256} << 20;  // partials + scores per launch
+
+// The cache geometry the kernels read (core::Cache in device terms).
+struct CacheArgs {
+  void *k, *v;
+  int64_t k_ps, k_rs, k_hs, v_ps, v_rs, v_hs;  // page, row, head strides (elements)
+  const int32_t* table;                        // null: contiguous layout
+  int64_t table_ss, table_ps;
+  int page_size, num_pages, capacity;
+  int32_t* seqlens;
+  int64_t seqlens_stride;
+  float* sums;
+  int64_t sums_ss, sums_bs, sums_hs;
+  int heads_kv, block_size;  // block_size capped at the capacity (same blocks below it)
+  float inv_block;           // 1 / block_size, rounded as the CPU rounds it
+
+  __device__ int64_t page_of(int seq, int token) const {
+    return table != nullptr ? table[seq * table_ss + (token / page_size) * table_ps] : seq;
+  }
+  __device__ int64_t row(int64_t page_stride, int64_t row_stride, int seq, int token) const {
+    if (table == nullptr)  // contiguous: one page of `capacity` rows per sequence
+      return seq * page_stride + static_cast<int64_t>(token) * row_stride;
+    return page_of(seq, token) * page_stride + static_cast<int64_t>(token % page_size) * row_stride;
+  }
+  __device__ float* sum(int seq, int block, int head) const {
+    return sums + seq * sums_ss + block * sums_bs + head * sums_hs;
+  }
+};
+
+// Whether the page-table entries of sequence `seq` for tokens [begin, end)
+// are pages of the pool (all threads of the CTA; contiguous layout: true).
+__device__ bool pages_valid(const CacheArgs& c, int seq, int64_t begin, int64_t end) {
+  bool ok = true;
+  if (c.table != nullptr && end > begin) {
+    const int64_t first = begin / c.page_size, last = (end - 1) / c.page_size;
+    // Unrolled: the loads are independent, so several are in flight (a 1M
+    // sequence in pages of 256 is 4,096 entries).
+#pragma unroll 8
+    for (int64_t p = first + threadIdx.x; p <= last; p += blockDim.x) {
+      const int32_t e = c.table[seq * c.table_ss + p * c.table_ps];
+      ok &= e >= 0 && e < c.num_pages;
+    }
+  }
+  return __syncthreads_and(ok) != 0;
+}
+
+// 8 elements (16 bytes) to fp32.
+template <class T>
+__device__ __forceinline__ void to_floats(const uint4& raw, float (&f)[8]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 p = unpack2<T>(w[i]);
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+  }
+}
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) {
+  return a > b ? a : b;
+}
+
+__device__ __forceinline__ float nan_f() {
+  return __int_as_float(0x7fc00000);
+}
+
+// ---------------------------------------------------------------- append
+
+struct AppendArgs {
+  CacheArgs c;
+  const void *k_new, *v_new;
+  int64_t kn_ts, kn_hs, vn_ts, vn_hs;
+  const int32_t* cu;
+  int64_t cu_stride;
+  int batch, total, head_dim;
+  int32_t* start;  // workspace [batch]: first new position, -1 = write nothing
+};
+
+// One CTA per sequence: checks its share of the append and, when it is
+// valid, advances seqlens (the copy kernel reads the old length from start).
+__global__ void __launch_bounds__(kThreads) append_validate_kernel(const AppendArgs a) {
+  const int b = blockIdx.x;
+  const int64_t first = a.cu[0], last = a.cu[a.batch * a.cu_stride];
+  const int64_t c0 = a.cu[b * a.cu_stride], c1 = a.cu[(b + 1) * a.cu_stride];
+  const int64_t len = a.c.seqlens[b * a.c.seqlens_stride];
+  const int64_t added = c1 - c0;
+  bool ok = first == 0 && last == a.total && 0 <= c0 && c0 <= c1 && c1 <= a.total && len >= 0 &&
+            len <= a.c.capacity && added <= a.c.capacity - len;
+  ok = pages_valid(a.c, b, ok ? len : 0, ok ? len + added : 0) && ok;
+  if (threadIdx.x == 0) {
+    a.start[b] = ok && added > 0 ? static_cast<int32_t>(len) : -1;
+    if (ok && added > 0) a.c.seqlens[b * a.c.seqlens_stride] = static_cast<int32_t>(len + added);
+  }
+}
+
+// One CTA per (touched block, sequence): copies the block's new rows and
+// extends its fp32 sums in token order (the first token of a block starts
+// it afresh), each thread owning 8 consecutive elements of a kv head.
+template <class T>
+__global__ void __launch_bounds__(kThreads) append_copy_kernel(const AppendArgs a) {
+  const int b = blockIdx.y;
+  const int start = a.start[b];
+  if (start < 0) return;
+  const int c0 = a.cu[b * a.cu_stride];
+  const int added = a.cu[(b + 1) * a.cu_stride] - c0;
+  const int bs = a.c.block_size;
+  const int64_t block = start / bs + static_cast<int64_t>(blockIdx.x);
+  const int64_t end = static_cast<int64_t>(start) + added;
+  if (block * bs >= end) return;
+  const int t0 = static_cast<int>(max64(start, block * bs));
+  const int t1 = static_cast<int>(min64(end, (block + 1) * bs));
+  const bool fresh = t0 % bs == 0;
+  const int vecs = a.head_dim / 8;
+  for (int e = threadIdx.x; e < a.c.heads_kv * vecs; e += blockDim.x) {
+    const int h = e / vecs, x = (e % vecs) * 8;
+    float* sum = a.c.sum(b, static_cast<int>(block), h) + x;
+    float s[8] = {};
+    if (!fresh) {
+      const float4 lo = *reinterpret_cast<const float4*>(sum);
+      const float4 hi = *reinterpret_cast<const float4*>(sum + 4);
+      s[0] = lo.x, s[1] = lo.y, s[2] = lo.z, s[3] = lo.w;
+      s[4] = hi.x, s[5] = hi.y, s[6] = hi.z, s[7] = hi.w;
+    }
+#pragma unroll 4
+    for (int t = t0; t < t1; ++t) {
+      const int64_t r = c0 + (t - start);
+      const uint4 kr = *reinterpret_cast<const uint4*>(static_cast<const T*>(a.k_new) +
+                                                       r * a.kn_ts + h * a.kn_hs + x);
+      const uint4 vr = *reinterpret_cast<const uint4*>(static_cast<const T*>(a.v_new) +
+                                                       r * a.vn_ts + h * a.vn_hs + x);
+      *reinterpret_cast<uint4*>(static_cast<T*>(a.c.k) + a.c.row(a.c.k_ps, a.c.k_rs, b, t) +
+                                h * a.c.k_hs + x) = kr;
+      *reinterpret_cast<uint4*>(static_cast<T*>(a.c.v) + a.c.row(a.c.v_ps, a.c.v_rs, b, t) +
+                                h * a.c.v_hs + x) = vr;
+      float f[8];
+      to_floats<T>(kr, f);
+      const bool first = fresh && t == t0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s[i] = first ? f[i] : s[i] + f[i];
+    }
+    *reinterpret_cast<float4*>(sum) = make_float4(s[0], s[1], s[2], s[3]);
+    *reinterpret_cast<float4*>(sum + 4) = make_float4(s[4], s[5], s[6], s[7]);
+  }
+}
+
+// ---------------------------------------------------------------- decode
+
+// Per-call device state, written by the validate kernel (which also zeroes
+// the per-call tables: no memset node, one launch fewer).
+struct State {
+  int32_t* q_begin;  // [batch + 1]: cu_seqlens_q, contiguous
+  int32_t* len;      // [batch]: seqlens, or -1 for a sequence that breaks the contract
+  int32_t* invalid;  // 1 when cu_seqlens_q breaks it (every row is then invalid)
+  // Routed attention only (null otherwise):
+  uint32_t* mark;  // [batch][Hkv][mark_words]: bit j set when some row of the group chose block j
+  int2* items;     // [item_cap]: (sequence * Hkv + kv head, block), one per marked block
+  int32_t* item_count;  // entries of `items`
+  int32_t* done;        // [total_q][Hq]: partials written per row (the last writer merges)
+  int mark_words, item_cap;
+};
+
+struct Geometry {
+  int batch, total_q, heads_q, group;
+  int unit;    // keys per routing block (block_size), or per dense key range
+  int units;   // units of the capacity
+  bool dense;  // top_k covers every block: no routing, every unit up to the row's own
+  int width;   // selection slots per row (min(top_k, blocks))
+  int split;   // key chunks per unit
+  int chunk;   // keys per chunk
+  int top_k;
+  bool shared;
+};
+
+// The sequence of query token t, its first query row and its length, or
+// false when the row must be poisoned.
+struct RowSeq {
+  int seq, q0, len_q, len, pos;
+};
+__device__ bool locate_row(const State& st, const Geometry& g, int t, RowSeq& r) {
+  if (*st.invalid != 0) return false;
+  r.seq = upper_index(st.q_begin, g.batch + 1, t);
+  r.q0 = st.q_begin[r.seq];
+  r.len_q = st.q_begin[r.seq + 1] - r.q0;
+  r.len = st.len[r.seq];
+  if (r.len < 0) return false;
+  r.pos = r.len - r.len_q + (t - r.q0);
+  return true;
+}
+
+// Partial slots of a row at position `pos`, numbered rank * split + chunk:
+// every chunk of each selected past block, then the chunks of its own block
+// that start at or before pos. Routing always selects min(top_k - 1, cur)
+// past blocks (dense: all cur of them), so the count needs no selection.
+__device__ __forceinline__ int row_slots(const Geometry& g, int pos) {
+  const int cur = pos / g.unit;
+  const int past = g.dense ? cur : min(g.top_k - 1, cur);
+  return past * g.split + (pos - cur * g.unit) / g.chunk + 1;
+}
+
+struct ValidateArgs {
+  CacheArgs c;
+  const int32_t* cu;
+  int64_t cu_stride;
+  Geometry g;
+  State st;
+  // Decode only (out null otherwise): rows of invalid sequences are set to NaN here.
+  uint16_t* out;
+  int64_t o_ts, o_hs;
+  float* lse;
+  int64_t lse_hs, lse_ts;
+  int head_dim;
+  uint16_t nan_bits;  // NaN of the output dtype
+};
+
+// NaN into out rows [t0, t1) (every head) and their lse.
+__device__ void poison_rows(const ValidateArgs& a, int64_t t0, int64_t t1) {
+  const int64_t per_token = static_cast<int64_t>(a.g.heads_q) * a.head_dim;
+  for (int64_t e = threadIdx.x; e < (t1 - t0) * per_token; e += blockDim.x) {
+    const int64_t t = t0 + e / per_token, h = (e % per_token) / a.head_dim, x = e % a.head_dim;
+    a.out[t * a.o_ts + h * a.o_hs + x] = a.nan_bits;
+    if (a.lse != nullptr && x == 0) a.lse[h * a.lse_hs + t * a.lse_ts] = nan_f();
+  }
+}
+
+// One CTA per sequence: 0 <= len_q <= seqlens <= capacity and the page-table
+// entries of the cached tokens; CTA 0 also checks cu_seqlens_q as a whole
+// (start 0, end at total_q, non-decreasing). Writes the per-sequence state,
+// zeroes the sequence's routing marks and row counters, and poisons the
+// out / lse rows of an invalid sequence (all rows when cu_seqlens_q is bad),
+// so the attention kernel only ever handles valid rows.
+__global__ void __launch_bounds__(kValidateThreads) decode_validate_kernel(const ValidateArgs a) {
+  const int b = blockIdx.x;
+  const Geometry& g = a.g;
+  const int64_t q0 = a.cu[b * a.cu_stride], q1 = a.cu[(b + 1) * a.cu_stride];
+  const int64_t len = a.c.seqlens[b * a.c.seqlens_stride];
+  const bool bounded = 0 <= q0 && q0 <= q1 && q1 <= g.total_q;  // rows [q0, q1) exist
+  bool ok = bounded && len >= 0 && len <= a.c.capacity && q1 - q0 <= len;
+  ok = pages_valid(a.c, b, 0, ok && q1 > q0 ? len : 0) && ok;
+  if (b == 0) {
+    bool good = a.cu[0] == 0 && a.cu[g.batch * a.cu_stride] == g.total_q;
+    for (int i = threadIdx.x; i < g.batch; i += blockDim.x)
+      good &= a.cu[i * a.cu_stride] <= a.cu[(i + 1) * a.cu_stride];
+    good = __syncthreads_and(good) != 0;
+    if (threadIdx.x == 0) {
+      *a.st.invalid = good ? 0 : 1;
+      if (a.st.item_count != nullptr) *a.st.item_count = 0;
+    }
+    if (!good && a.out != nullptr) poison_rows(a, 0, g.total_q);
+  }
+  if (a.st.mark != nullptr) {
+    const int64_t words = static_cast<int64_t>(a.c.heads_kv) * a.st.mark_words;
+    uint32_t* mark = a.st.mark + b * words;
+    for (int64_t i = threadIdx.x; i < words; i += blockDim.x) mark[i] = 0u;
+  }
+  if (bounded && a.st.done != nullptr)
+    for (int64_t i = q0 * g.heads_q + threadIdx.x; i < q1 * g.heads_q; i += blockDim.x)
+      a.st.done[i] = 0;
+  if (bounded && !ok && a.out != nullptr) poison_rows(a, q0, q1);
+  if (threadIdx.x != 0) return;
+  if (b == 0) a.st.q_begin[0] = static_cast<int32_t>(q0);
+  a.st.q_begin[b + 1] = static_cast<int32_t>(q1);
+  a.st.len[b] = ok ? static_cast<int32_t>(len) : -1;
+}
+
+struct RouteArgs {
+  CacheArgs c;
+  const void* q;
+  int64_t q_ts, q_hs;
+  Geometry g;
+  State st;
+  int32_t* sel;  // [token][head][width]
+  int64_t sel_ts, sel_hs;
+  int width;      // of `sel`
+  int row_begin;  // first routing row of this launch
+  float* scores;  // [rows of a launch][units] when units > kSmemScores
+};
+
+// The spec's ranking as one unsigned key: higher score first, NaN lowest,
+// -0 equal to +0 (ties go to the lower index, by the caller).
+__device__ __forceinline__ uint32_t score_key(float s) {
+  const uint32_t u = __float_as_uint(s + 0.0f);
+  return (s != s) ? 0u : ((u & 0x80000000u) ? ~u : (u | 0x80000000u));
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Exclusive count of `flag` over the CTA's THREADS threads (in thread
+// order); the CTA's total goes to *total. Uses `warps` (THREADS / 32 entries).
+template <int THREADS>
+__device__ int cta_exclusive_count(bool flag, int* warps, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) warps[warp] = __popc(ballot);
+  __syncthreads();
+  int before = __popc(ballot & ((1u << lane) - 1u)), sum = 0;
+  for (int w = 0; w < THREADS / 32; ++w) {
+    if (w < warp) before += warps[w];
+    sum += warps[w];
+  }
+  __syncthreads();
+  *total = sum;
+  return before;
+}
+
+// One CTA (8 warps) per routing row: a query row (t, head), or with shared routing
+// (t, kv head) for the whole group. Scores of the past blocks against their
+// means (sum * (1 / block_size) rounded to the dtype, spec step 2), the
+// top-(k-1) by an exact radix select on the ranking keys (ties to the lower
+// block), written ascending with the current block last, -1 padded.
+template <class T, int D>
+__global__ void __launch_bounds__(kRouteThreads) route_kernel(const RouteArgs a) {
+  __shared__ float smem_scores[kSmemScores];
+  __shared__ unsigned hist[256];
+  __shared__ int warp_counts[kRouteThreads / 32];
+  __shared__ unsigned found_prefix;
+  __shared__ int found_remaining;
+  const Geometry& g = a.g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row = a.row_begin + static_cast<int>(blockIdx.x);
+  const int heads = g.shared ? g.heads_q / g.group : g.heads_q;
+  const int t = row / heads, hr = row % heads;
+  const int kv = g.shared ? hr : hr / g.group;
+  const int h_first = g.shared ? hr * g.group : hr, h_count = g.shared ? g.group : 1;
+  auto sel_row = [&](int i) { return a.sel + t * a.sel_ts + (h_first + i) * a.sel_hs; };
+
+  RowSeq r{};
+  const bool ok = locate_row(a.st, g, t, r);
+  const int cur = ok ? r.pos / a.c.block_size : 0;
+  const int past = ok ? min(g.top_k - 1, cur) : 0;
+  if (!ok || past + 1 > a.width) {  // invalid sequence, or no room for the selection
+    for (int i = 0; i < h_count; ++i)
+      for (int s = threadIdx.x; s < a.width; s += blockDim.x) sel_row(i)[s] = -1;
+    return;
+  }
+  const int group_id = r.seq * a.c.heads_kv + kv;
+  uint32_t* mark =
+      a.st.mark == nullptr ? nullptr : a.st.mark + static_cast<int64_t>(group_id) * a.st.mark_words;
+  // The first row of the kv group to choose a block appends it to the
+  // attention work list (the set bit makes the others skip it), so the
+  // attention grid covers chosen blocks only.
+  auto emit = [&](int slot, int block) {
+    for (int i = 0; i < h_count; ++i) sel_row(i)[slot] = block;
+    if (mark == nullptr) return;
+    const uint32_t bit = 1u << (block & 31);
+    if ((atomicOr(mark + (block >> 5), bit) & bit) == 0u) {
+      const int at = atomicAdd(a.st.item_count, 1);
+      if (at < a.st.item_cap) a.st.items[at] = make_int2(group_id, block);
+    }
+  };
+  for (int s = past + 1 + threadIdx.x; s < a.width; s += blockDim.x)
+    for (int i = 0; i < h_count; ++i) sel_row(i)[s] = -1;
+  if (threadIdx.x == 0) emit(past, cur);
+  if (past == cur) {  // every past block fits
+    for (int j = threadIdx.x; j < cur; j += blockDim.x) emit(j, j);
+    return;
+  }
+  if (past == 0) return;
+
+  float* scores =
+      g.units <= kSmemScores ? smem_scores : a.scores + static_cast<int64_t>(blockIdx.x) * g.units;
+  // Scores: warp w takes blocks w, w + W, ... (W warps) in batches of
+  // kRouteBatch whose sums are all loaded before any is used (the loads are
+  // independent: one memory latency per batch, not per block); lanes split
+  // the head dim.
+  constexpr int kPer = D / 32;
+  constexpr int kWarps = kRouteThreads / 32;
+  using Vec = std::conditional_t<kPer == 4, float4, float2>;
+  for (int base = warp; base < cur; base += kWarps * kRouteBatch) {
+    float mean[kRouteBatch][kPer];
+#pragma unroll
+    for (int u = 0; u < kRouteBatch; ++u) {
+      const int j = min(base + u * kWarps, cur - 1);  // clamped: a valid address, result unused
+      const Vec v = *reinterpret_cast<const Vec*>(a.c.sum(r.seq, j, kv) + lane * kPer);
+      const float* f = reinterpret_cast<const float*>(&v);
+#pragma unroll
+      for (int x = 0; x < kPer; ++x)
+        mean[u][x] = to_float<T>(from_float<T>(__fmul_rn(f[x], a.c.inv_block)));
+    }
+    float total[kRouteBatch] = {};
+    for (int i = 0; i < h_count; ++i) {  // shared routing: the group's scores summed in head order
+      const T* q = static_cast<const T*>(a.q) + t * a.q_ts + (h_first + i) * a.q_hs + lane * kPer;
+      float qv[kPer];
+#pragma unroll
+      for (int x = 0; x < kPer; ++x) qv[x] = to_float<T>(q[x]);
+#pragma unroll
+      for (int u = 0; u < kRouteBatch; ++u) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int x = 0; x < kPer; ++x) dot = fmaf(qv[x], mean[u][x], dot);
+        dot = warp_sum(dot);
+        total[u] = i == 0 ? dot : total[u] + dot;
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int u = 0; u < kRouteBatch; ++u)
+        if (base + u * kWarps < cur) scores[base + u * kWarps] = total[u];
+    }
+  }
+  __syncthreads();
+
+  // Radix select of the past-th largest key, 8 bits at a time.
+  unsigned prefix = 0, mask = 0;
+  int remaining = past;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    for (int j = threadIdx.x; j < cur; j += blockDim.x) {
+      const unsigned u = score_key(scores[j]);
+      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (warp == 0) {
+      // Lane l owns buckets 255 - 8l down to 248 - 8l (descending keys).
+      int local = 0;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) local += static_cast<int>(hist[255 - 8 * lane - e]);
+      int inclusive = local;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, inclusive, o);
+        if (lane >= o) inclusive += y;
+      }
+      const int exclusive = inclusive - local;
+      const unsigned here =
+          __ballot_sync(0xffffffffu, exclusive < remaining && remaining <= inclusive);
+      if (lane == __ffs(here) - 1) {
+        int acc = exclusive;
+        for (int e = 0; e < 8; ++e) {
+          const unsigned bucket = 255u - 8u * lane - e;
+          if (acc + static_cast<int>(hist[bucket]) >= remaining) {
+            found_prefix = prefix | (bucket << shift);
+            found_remaining = remaining - acc;
+            break;
+          }
+          acc += static_cast<int>(hist[bucket]);
+        }
+      }
+    }
+    __syncthreads();
+    prefix = found_prefix;
+    remaining = found_remaining;
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  // Keys above the threshold, plus the first `remaining` equal to it (the
+  // lower block indices), in ascending block order.
+  int base_gt = 0, base_eq = 0;
+  for (int j0 = 0; j0 < cur; j0 += blockDim.x) {
+    const int j = j0 + static_cast<int>(threadIdx.x);
+    const unsigned u = j < cur ? score_key(scores[j]) : 0u;
+    const bool gt = j < cur && u > prefix, eq = j < cur && u == prefix;
+    int n_gt = 0, n_eq = 0;
+    const int before_gt = base_gt + cta_exclusive_count<kRouteThreads>(gt, warp_counts, &n_gt);
+    const int before_eq = base_eq + cta_exclusive_count<kRouteThreads>(eq, warp_counts, &n_eq);
+    if (gt || (eq && before_eq < remaining)) emit(before_gt + min(before_eq, remaining), j);
+    base_gt += n_gt;
+    base_eq += n_eq;
+  }
+}
+
+struct AttendArgs {
+  CacheArgs c;
+  const void* q;
+  int64_t q_ts, q_hs;
+  Geometry g;
+  State st;
+  const int32_t* sel;  // [total_q][Hq][width] (routed)
+  float scale_log2;    // softmax_scale * log2(e)
+  int t_begin, t_end;  // query tokens of this launch
+  float* part_o;       // [(t - t_begin) * Hq + head][slots][D], normalized
+  float* part_lse;     // [(t - t_begin) * Hq + head][slots], log2 domain
+  void* out;           // [total_q][Hq][D] (strides below), dtype T
+  int64_t o_ts, o_hs;
+  float* lse;  // [Hq][total_q] (strides below), optional
+  int64_t lse_hs, lse_ts;
+};
+
+// The slot of block `j` in a row's selection (ascending, -1 padded), or -1.
+__device__ __forceinline__ int find_rank(const int32_t* row, int width, int j) {
+  int lo = 0, hi = width;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    const int v = row[mid];
+    if (v >= 0 && v < j)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo < width && row[lo] == j ? lo : -1;
+}
+
+// The rank of unit j in the selection of row (t, head) at position pos, or
+// -1 when the row does not read it.
+__device__ __forceinline__ int rank_of(const AttendArgs& a, int t, int head, int pos, int j) {
+  const int cur = pos / a.g.unit;
+  if (j > cur) return -1;
+  if (a.g.dense) return j;
+  return find_rank(a.sel + (static_cast<int64_t>(t) * a.g.heads_q + head) * a.g.width, a.g.width,
+                   j);
+}
+
+struct RowInfo {
+  int t, head, pos, slot;
+};
+
+constexpr int kMergeWarps = kThreads / 32;
+
+// The log-sum-exp merge of one row's `count` partial slots into out / lse,
+// by the whole CTA (the last CTA to write a partial of the row). Slots are
+// read through L2 (__ldcg: other CTAs wrote them; their fences precede the
+// counter increment this CTA observed). The loads are independent: the
+// maximum first, then warp w sums slots w, w + 4, ... with fixed weights,
+// and the warps' sums are added in shared memory, in a fixed order.
+template <class T, int D>
+__device__ void merge_row(const AttendArgs& a, int t, int head, int count, float* scratch) {
+  constexpr int kPer = D / 32;
+  using Vec = std::conditional_t<kPer == 4, float4, float2>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int slots = a.g.width * a.g.split;
+  const int64_t row = static_cast<int64_t>(t - a.t_begin) * a.g.heads_q + head;
+  const float* lse = a.part_lse + row * slots;
+  const float* po = a.part_o + row * slots * D;
+  float* max_s = scratch;                  // [kMergeWarps]
+  float* l_s = scratch + kMergeWarps;      // [kMergeWarps]
+  float* o_s = scratch + 2 * kMergeWarps;  // [kMergeWarps][D]
+  float mx = -INFINITY;
+  for (int s = threadIdx.x; s < count; s += blockDim.x) mx = fmaxf(mx, __ldcg(lse + s));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (lane == 0) max_s[warp] = mx;
+  __syncthreads();
+  mx = max_s[0];
+#pragma unroll
+  for (int w = 1; w < kMergeWarps; ++w) mx = fmaxf(mx, max_s[w]);
+  float l = 0.0f, o[kPer] = {};
+#pragma unroll 4
+  for (int s = warp; s < count; s += kMergeWarps) {
+    const float w = detail::fast_exp2(__ldcg(lse + s) - mx);
+    const Vec v = __ldcg(reinterpret_cast<const Vec*>(po + static_cast<int64_t>(s) * D) + lane);
+    const float* f = reinterpret_cast<const float*>(&v);
+    l += w;
+#pragma unroll
+    for (int x = 0; x < kPer; ++x) o[x] = fmaf(f[x], w, o[x]);
+  }
+#pragma unroll
+  for (int x = 0; x < kPer; ++x) o_s[warp * D + lane * kPer + x] = o[x];
+  if (lane == 0) l_s[warp] = l;
+  __syncthreads();
+  float total = l_s[0];
+#pragma unroll
+  for (int w = 1; w < kMergeWarps; ++w) total += l_s[w];
+  T* out = static_cast<T*>(a.out) + t * a.o_ts + head * a.o_hs;
+  for (int x = threadIdx.x; x < D; x += blockDim.x) {
+    float sum = o_s[x];
+#pragma unroll
+    for (int w = 1; w < kMergeWarps; ++w) sum += o_s[w * D + x];
+    out[x] = from_float<T>(sum / total);
+  }
+  if (a.lse != nullptr && threadIdx.x == 0)
+    a.lse[head * a.lse_hs + t * a.lse_ts] = (mx + __log2f(total)) * kLn2;
+  __syncthreads();  // scratch is reused by the next row
+}
+
+// One CTA per work item x key chunk: keys [k0, k1) of one unit of one
+// (sequence, kv head), read once with 16-byte loads for every query row of
+// the kv group that needs them (in passes of ROWS rows), online softmax per
+// row on the CUDA cores. Routed: the items are the work list the routing
+// kernel built (chosen blocks only; CTAs past its length exit); dense: the
+// grid is (units x split, Hkv, batch). A lane group of D / 8 lanes owns one
+// key at a time; its partial (m, l, acc) per row is merged over the CTA in
+// shared memory and written as the row's partial slot. The CTA that writes
+// a row's last partial (a per-row counter) then merges the row into out /
+// lse (split-K without a separate merge launch).
+template <class T, int D, int ROWS>
+__global__ void __launch_bounds__(kThreads) attend_kernel(const AttendArgs a) {
+  constexpr int kLanesPerKey = D / 8;
+  constexpr int kKeysPerWarp = 32 / kLanesPerKey;
+  constexpr int kSlots = (kThreads / 32) * kKeysPerWarp;  // key streams of the CTA
+  constexpr int kStep = kSlots * kKeyLoads;               // keys per CTA step
+  __shared__ float q_s[ROWS][D];
+  __shared__ float m_s[kSlots][ROWS], l_s[kSlots][ROWS];
+  __shared__ float acc_s[kSlots][ROWS][D];
+  __shared__ RowInfo rows_s[kThreads];
+  __shared__ int warp_counts[kThreads / 32];
+  __shared__ int last_s[ROWS];  // slots of the pass's rows this CTA merges (0: not last)
+  static_assert(sizeof(acc_s) >= (2 * kMergeWarps + kMergeWarps * D) * sizeof(float),
+                "merge scratch reuses acc_s");
+
+  const Geometry& g = a.g;
+  const int c = static_cast<int>(blockIdx.x % static_cast<unsigned>(g.split));
+  int b, h, j;
+  if (g.dense) {
+    b = blockIdx.z;
+    h = blockIdx.y;
+    j = static_cast<int>(blockIdx.x / static_cast<unsigned>(g.split));
+  } else {
+    const int item = static_cast<int>(blockIdx.x / static_cast<unsigned>(g.split));
+    if (item >= min(*a.st.item_count, a.st.item_cap)) return;
+    const int2 e = a.st.items[item];
+    b = e.x / a.c.heads_kv;
+    h = e.x % a.c.heads_kv;
+    j = e.y;
+  }
+  if (*a.st.invalid != 0) return;
+  const int len = a.st.len[b];
+  const int q0 = a.st.q_begin[b], q1 = a.st.q_begin[b + 1];
+  const int ta = max(q0, a.t_begin), tb = min(q1, a.t_end);
+  if (len <= 0 || ta >= tb) return;
+  const int64_t unit_begin = static_cast<int64_t>(j) * g.unit;
+  const int64_t k0_64 = unit_begin + static_cast<int64_t>(c) * g.chunk;
+  if (static_cast<int64_t>(c) * g.chunk >= g.unit || k0_64 >= len) return;
+  const int k0 = static_cast<int>(k0_64);
+  const int k1 = static_cast<int>(min64(min64(k0_64 + g.chunk, unit_begin + g.unit), len));
+  const int q_offset = len - (q1 - q0);
+  const int slots = g.width * g.split;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane / kLanesPerKey, part = lane % kLanesPerKey;
+  const int stream_id = warp * kKeysPerWarp + sub;
+  const T* kbase = static_cast<const T*>(a.c.k) + h * a.c.k_hs + part * 8;
+  const T* vbase = static_cast<const T*>(a.c.v) + h * a.c.v_hs + part * 8;
+
+  const int candidates = (tb - ta) * g.group;
+  for (int c_base = 0; c_base < candidates; c_base += kThreads) {
+    // Collect the rows of these candidates that read this chunk.
+    RowInfo info{};
+    bool need = false;
+    const int ci = c_base + static_cast<int>(threadIdx.x);
+    if (ci < candidates) {
+      info.t = ta + ci / g.group;
+      info.head = h * g.group + ci % g.group;
+      info.pos = q_offset + (info.t - q0);
+      if (info.pos >= k0) {
+        const int rank = rank_of(a, info.t, info.head, info.pos, j);
+        need = rank >= 0;
+        info.slot = rank * g.split + c;
+      }
+    }
+    int count = 0;
+    const int at = cta_exclusive_count<kThreads>(need, warp_counts, &count);
+    if (need) rows_s[at] = info;
+    __syncthreads();
+
+    for (int r0 = 0; r0 < count; r0 += ROWS) {
+      const int n = min(ROWS, count - r0);
+      int max_pos = 0;
+      for (int i = 0; i < n; ++i) max_pos = max(max_pos, rows_s[r0 + i].pos);
+      const int kend = min(k1, max_pos + 1);
+      for (int e = threadIdx.x; e < ROWS * D; e += blockDim.x) {
+        const int i = e / D, x = e % D;
+        float v = 0.0f;
+        if (i < n) {
+          const RowInfo& ri = rows_s[r0 + i];
+          v = to_float<T>(static_cast<const T*>(a.q)[ri.t * a.q_ts + ri.head * a.q_hs + x]) *
+              a.scale_log2;
+        }
+        q_s[i][x] = v;
+      }
+      int pos[ROWS];
+#pragma unroll
+      for (int i = 0; i < ROWS; ++i) pos[i] = i < n ? rows_s[r0 + i].pos : -1;
+      __syncthreads();
+
+      float m[ROWS], l[ROWS], acc[ROWS][8];
+#pragma unroll
+      for (int i = 0; i < ROWS; ++i) {
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+#pragma unroll
+        for (int x = 0; x < 8; ++x) acc[i][x] = 0.0f;
+      }
+      for (int base = k0 + warp * kKeysPerWarp * kKeyLoads; base < kend; base += kStep) {
+        uint4 kr[kKeyLoads], vr[kKeyLoads];
+        int key[kKeyLoads];
+#pragma unroll
+        for (int u = 0; u < kKeyLoads; ++u) {
+          key[u] = base + u * kKeysPerWarp + sub;
+          if (key[u] < kend) {
+            kr[u] = __ldg(
+                reinterpret_cast<const uint4*>(kbase + a.c.row(a.c.k_ps, a.c.k_rs, b, key[u])));
+            vr[u] = __ldg(
+                reinterpret_cast<const uint4*>(vbase + a.c.row(a.c.v_ps, a.c.v_rs, b, key[u])));
+          } else {
+            kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+          }
+        }
+        float kf[kKeyLoads][8], vf[kKeyLoads][8];
+#pragma unroll
+        for (int u = 0; u < kKeyLoads; ++u) {
+          to_floats<T>(kr[u], kf[u]);
+          to_floats<T>(vr[u], vf[u]);
+        }
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i) {
+          if (i >= n) break;  // CTA-uniform
+          const float4 qa = *reinterpret_cast<const float4*>(&q_s[i][part * 8]);
+          const float4 qb = *reinterpret_cast<const float4*>(&q_s[i][part * 8 + 4]);
+          const float qv[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+          float s[kKeyLoads];
+#pragma unroll
+          for (int u = 0; u < kKeyLoads; ++u) {
+            float dot = 0.0f;
+#pragma unroll
+            for (int x = 0; x < 8; ++x) dot = fmaf(qv[x], kf[u][x], dot);
+#pragma unroll
+            for (int o = kLanesPerKey / 2; o > 0; o >>= 1)
+              dot += __shfl_xor_sync(0xffffffffu, dot, o);
+            s[u] = key[u] < kend && key[u] <= pos[i] ? dot : -INFINITY;
+          }
+          float mx = s[0];
+#pragma unroll
+          for (int u = 1; u < kKeyLoads; ++u) mx = fmaxf(mx, s[u]);
+          const float m_new = fmaxf(m[i], mx);
+          const bool any = m_new != -INFINITY;
+          const float alpha = any ? detail::fast_exp2(m[i] - m_new) : 1.0f;
+          float p[kKeyLoads], psum = 0.0f;
+#pragma unroll
+          for (int u = 0; u < kKeyLoads; ++u) {
+            p[u] = any ? detail::fast_exp2(s[u] - m_new) : 0.0f;
+            psum += p[u];
+          }
+          l[i] = l[i] * alpha + psum;
+          m[i] = m_new;
+#pragma unroll
+          for (int x = 0; x < 8; ++x) {
+            float o = acc[i][x] * alpha;
+#pragma unroll
+            for (int u = 0; u < kKeyLoads; ++u) o = fmaf(p[u], vf[u][x], o);
+            acc[i][x] = o;
+          }
+        }
+      }
+      // Merge the CTA's key streams per row; write the normalized partial.
+#pragma unroll
+      for (int i = 0; i < ROWS; ++i) {
+        if (i >= n) break;
+        if (part == 0) {
+          m_s[stream_id][i] = m[i];
+          l_s[stream_id][i] = l[i];
+        }
+#pragma unroll
+        for (int x = 0; x < 8; ++x) acc_s[stream_id][i][part * 8 + x] = acc[i][x];
+      }
+      __syncthreads();
+      for (int e = threadIdx.x; e < n * D; e += blockDim.x) {
+        const int i = e / D, x = e % D;
+        float mm = -INFINITY;
+        for (int s = 0; s < kSlots; ++s) mm = fmaxf(mm, m_s[s][i]);
+        float ll = 0.0f, o = 0.0f;
+        for (int s = 0; s < kSlots; ++s) {
+          if (m_s[s][i] == -INFINITY) continue;  // this stream saw no key of the row
+          const float w = detail::fast_exp2(m_s[s][i] - mm);
+          ll = fmaf(l_s[s][i], w, ll);
+          o = fmaf(acc_s[s][i][x], w, o);
+        }
+        const RowInfo& ri = rows_s[r0 + i];
+        const int64_t at_row =
+            (static_cast<int64_t>(ri.t - a.t_begin) * g.heads_q + ri.head) * slots + ri.slot;
+        a.part_o[at_row * D + x] = o / ll;
+        if (x == 0) a.part_lse[at_row] = mm + __log2f(ll);
+      }
+      // Count this CTA's partials; the one that completes a row merges it.
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x < ROWS) {
+        int merge = 0;
+        if (static_cast<int>(threadIdx.x) < n) {
+          const RowInfo& ri = rows_s[r0 + threadIdx.x];
+          const int expected = row_slots(g, ri.pos);
+          const int64_t row = static_cast<int64_t>(ri.t) * g.heads_q + ri.head;
+          if (atomicAdd(a.st.done + row, 1) == expected - 1) merge = expected;
+        }
+        last_s[threadIdx.x] = merge;
+      }
+      __syncthreads();
+      for (int i = 0; i < n; ++i)
+        if (last_s[i] > 0)  // CTA-uniform
+          merge_row<T, D>(a, rows_s[r0 + i].t, rows_s[r0 + i].head, last_s[i], &acc_s[0][0][0]);
+      __syncthreads();
+    }
+  }
+}
+
+struct BytesArgs {
+  CacheArgs c;
+  Geometry g;  // unit = block_size (dense or not)
+  State st;
+  const int32_t* sel;
+  unsigned long long* keys;
+};
+
+// One warp per (block, kv head, sequence): keys the decode reads from the
+// block, up to the last position of any row of the group that selected it
+// (the CPU's count, so both backends report the same bytes).
+__global__ void __launch_bounds__(32) bytes_kernel(const BytesArgs a) {
+  const Geometry& g = a.g;
+  const int b = blockIdx.z, h = blockIdx.y, j = blockIdx.x, lane = threadIdx.x;
+  if (*a.st.invalid != 0) return;
+  const int len = a.st.len[b];
+  const int q0 = a.st.q_begin[b], q1 = a.st.q_begin[b + 1];
+  if (len <= 0 || q1 == q0 || static_cast<int64_t>(j) * g.unit >= len) return;
+  const int q_offset = len - (q1 - q0);
+  int reach = 0;
+  for (int ci = lane; ci < (q1 - q0) * g.group; ci += 32) {
+    const int t = q0 + ci / g.group, head = h * g.group + ci % g.group;
+    const int pos = q_offset + (t - q0), cur = pos / g.unit;
+    if (j > cur) continue;
+    const bool chosen =
+        g.dense ||
+        find_rank(a.sel + (static_cast<int64_t>(t) * g.heads_q + head) * g.width, g.width, j) >= 0;
+    if (chosen)
+      reach = max(reach,
+                  static_cast<int>(min64(min64(pos + int64_t{1}, (j + int64_t{1}) * g.unit), len)));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) reach = max(reach, __shfl_xor_sync(0xffffffffu, reach, o));
+  if (lane == 0 && reach > 0)
+    atomicAdd(a.keys, static_cast<unsigned long long>(reach - j * g.unit));
+}
+
+// ---------------------------------------------------------------- host
+
+using core::fail;
+using host::check;
+using host::check_device_pointer;
+using host::DeviceGuard;
+using host::Workspace;
+
+int64_t decode_budget() {
+  if (const char* env = std::getenv("MOBA_CUDA_DECODE_BYTES")) {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    if (end != env && v > 0) return v;
+  }
+  return kDefaultDecodeBytes;
+}
+
+void check_aligned(const void* data, std::initializer_list<int64_t> strides, int64_t elems,
+                   int64_t elem_bytes, const char* name) {
+  bool ok = reinterpret_cast<uintptr_t>(data) % static_cast<uintptr_t>(elems * elem_bytes) == 0;
+  for (int64_t s : strides) ok = ok && s % elems == 0;
+  if (!ok)
+    fail(Status::unsupported,
+         std::string(name) + ": the cuda backend needs every row to start on a " +
+             std::to_string(elems * elem_bytes) + "-byte boundary (data pointer and strides " +
+             "multiples of " + std::to_string(elems) + " elements)");
+}
+
+// What the CUDA kernels need beyond core::make_cache.
+void check_cache(const core::Cache& c) {
+  if (c.dtype != DType::float16 && c.dtype != DType::bfloat16)
+    fail(Status::unsupported, std::string("cache.k: the cuda backend supports float16 and "
+                                          "bfloat16 caches, got ") +
+                                  dtype_name(c.dtype));
+  if (c.head_dim != 64 && c.head_dim != 128)
+    fail(Status::unsupported, "cache.k: the cuda backend supports head dims 64 and 128, got " +
+                                  std::to_string(c.head_dim));
+  if (c.capacity > INT32_MAX || c.num_pages > INT32_MAX)
+    fail(Status::unsupported, "cache.k: capacity and page count must stay below 2^31");
+  if (c.batch > 65535 || c.heads_kv > 65535)
+    fail(Status::unsupported,
+         "cache: the cuda backend supports at most 65535 sequences and "
+         "65535 kv heads");
+  check_aligned(c.k.data, {c.k.page_stride, c.k.row_stride, c.k.head_stride}, 8, 2, "cache.k");
+  check_aligned(c.v.data, {c.v.page_stride, c.v.row_stride, c.v.head_stride}, 8, 2, "cache.v");
+  check_aligned(c.sums, {c.sums_seq_stride, c.sums_block_stride, c.sums_head_stride}, 4, 4,
+                "cache.block_sums");
+  const int dev = c.device.index;
+  check_device_pointer(c.k.data, "cache.k", dev);
+  check_device_pointer(c.v.data, "cache.v", dev);
+  check_device_pointer(c.page_table, "cache.page_table", dev);
+  check_device_pointer(c.seqlens, "cache.seqlens", dev);
+  check_device_pointer(c.sums, "cache.block_sums", dev);
+}
+
+CacheArgs cache_args(const core::Cache& c) {
+  CacheArgs a{};
+  a.k = c.k.data;
+  a.v = c.v.data;
+  a.k_ps = c.k.page_stride;
+  a.k_rs = c.k.row_stride;
+  a.k_hs = c.k.head_stride;
+  a.v_ps = c.v.page_stride;
+  a.v_rs = c.v.row_stride;
+  a.v_hs = c.v.head_stride;
+  a.table = c.paged ? c.page_table : nullptr;
+  a.table_ss = c.table_seq_stride;
+  a.table_ps = c.table_page_stride;
+  a.page_size = static_cast<int>(std::min<int64_t>(c.page_size, INT32_MAX));
+  a.num_pages = static_cast<int>(c.num_pages);
+  a.capacity = static_cast<int>(c.capacity);
+  a.seqlens = c.seqlens;
+  a.seqlens_stride = c.seqlens_stride;
+  a.sums = c.sums;
+  a.sums_ss = c.sums_seq_stride;
+  a.sums_bs = c.sums_block_stride;
+  a.sums_hs = c.sums_head_stride;
+  a.heads_kv = static_cast<int>(c.heads_kv);
+  // A block at least as long as the capacity is one block either way.
+  a.block_size =
+      static_cast<int>(std::min<int64_t>(c.block_size, std::max<int64_t>(c.capacity, 1)));
+  a.inv_block = 1.0f / static_cast<float>(c.block_size);
+  return a;
+}
+
+template <class Fn>
+void by_dtype_and_dim(DType dtype, int64_t dim, Fn&& fn) {
+  const auto with = [&](auto elem) {
+    using T = decltype(elem);
+    if (dim == 64)
+      fn(T{}, std::integral_constant<int, 64>{});
+    else
+      fn(T{}, std::integral_constant<int, 128>{});
+  };
+  if (dtype == DType::bfloat16)
+    with(__nv_bfloat16{});
+  else
+    with(__half{});
+}
+
+// The validated call on the device: host geometry, workspace, state.
+struct Call {
+  CacheArgs cache;
+  Geometry g{};
+  Workspace ws;
+  int64_t q_begin_off = 0, len_off = 0, invalid_off = 0;
+  // Routed attention: marks, the work list and the per-row merge counters.
+  bool routed = false;
+  int64_t mark_off = 0, count_off = 0, items_off = 0, done_off = 0;
+  int mark_words = 0, item_cap = 0;
+  cudaStream_t stream = nullptr;
+  int head_dim = 0;
+
+  State state() const {
+    State s{};
+    s.q_begin = ws.at<int32_t>(q_begin_off);
+    s.len = ws.at<int32_t>(len_off);
+    s.invalid = ws.at<int32_t>(invalid_off);
+    if (routed) {
+      s.mark = ws.at<uint32_t>(mark_off);
+      s.items = ws.at<int2>(items_off);
+      s.item_count = ws.at<int32_t>(count_off);
+      s.mark_words = mark_words;
+      s.item_cap = item_cap;
+    }
+    return s;
+  }
+};
+
+// Host geometry and the validate kernel's share of the workspace; `unit`
+// is the routing block (routing, bytes) or the attention unit (decode).
+void plan(Call& call, const core::Cache& c, const core::Decode& d, bool attention) {
+  const CacheArgs& ca = call.cache;
+  call.head_dim = static_cast<int>(c.head_dim);
+  Geometry& g = call.g;
+  g.batch = static_cast<int>(c.batch);
+  g.total_q = static_cast<int>(d.total_q);
+  g.heads_q = static_cast<int>(d.heads_q);
+  g.group = static_cast<int>(d.group);
+  g.top_k = static_cast<int>(std::min<int64_t>(d.top_k, INT32_MAX));
+  g.shared = d.gqa_shared_routing;
+  const int64_t capacity = std::max<int64_t>(c.capacity, 1);
+  const int64_t blocks = core::num_blocks(capacity, ca.block_size);
+  g.dense = d.top_k >= blocks;
+  g.unit = ca.block_size;
+  if (g.dense && attention) {
+    // Every block up to the row's own is read: causal attention, cut into
+    // at most kDenseUnits ranges of whole 64-key steps.
+    const int64_t per = (capacity + kDenseUnits - 1) / kDenseUnits;
+    g.unit = static_cast<int>(std::min<int64_t>(capacity, (per + 63) / 64 * 64));
+  }
+  g.units = static_cast<int>(core::num_blocks(capacity, g.unit));
+  g.width = g.dense ? g.units : static_cast<int>(std::min<int64_t>(d.top_k, blocks));
+  g.split = 1;
+  g.chunk = g.unit;
+  call.q_begin_off = call.ws.reserve((c.batch + 1) * 4);
+  call.len_off = call.ws.reserve(c.batch * 4);
+  call.invalid_off = call.ws.reserve(4);
+  call.routed = attention && !g.dense;
+  if (call.routed) {
+    // Work items: the distinct blocks each (sequence, kv group) chose, at
+    // most min(units, its rows x width) per group (rows: query tokens x
+    // heads that route separately).
+    const int64_t routing_heads = d.gqa_shared_routing ? 1 : d.group;
+    const int64_t cap = c.heads_kv * std::min<int64_t>(c.batch * int64_t{g.units},
+                                                       d.total_q * routing_heads * g.width);
+    if (cap > INT32_MAX) fail(Status::unsupported, "cache: too many attention work items");
+    call.item_cap = static_cast<int>(cap);
+    call.mark_words = (g.units + 31) / 32;
+    call.mark_off = call.ws.reserve(c.batch * c.heads_kv * call.mark_words * 4);
+    call.count_off = call.ws.reserve(4);
+    call.items_off = call.ws.reserve(cap * 8);
+  }
+}
+
+// The validate kernel; `out` (decode) gets NaN rows for invalid sequences.
+void validate(Call& call, const core::Decode& d, const core::Rows* out = nullptr,
+              const core::Lse* lse = nullptr, int32_t* done = nullptr) {
+  ValidateArgs v{};
+  v.c = call.cache;
+  v.cu = d.cu_q;
+  v.cu_stride = d.cu_q_stride;
+  v.g = call.g;
+  v.st = call.state();
+  v.st.done = done;
+  if (out != nullptr) {
+    v.out = static_cast<uint16_t*>(out->data);
+    v.o_ts = out->token_stride;
+    v.o_hs = out->head_stride;
+    v.lse = lse != nullptr ? lse->data : nullptr;
+    v.lse_hs = lse != nullptr ? lse->head_stride : 0;
+    v.lse_ts = lse != nullptr ? lse->token_stride : 0;
+    v.head_dim = call.head_dim;
+    v.nan_bits = out->dtype == DType::bfloat16 ? uint16_t{0x7fc0} : uint16_t{0x7e00};
+  }
+  decode_validate_kernel<<<call.g.batch, kValidateThreads, 0, call.stream>>>(v);
+  check(cudaGetLastError(), "launch of the decode validation kernel");
+}
+
+// Routing rows [0, rows) in launches whose score buffers fit the budget.
+void route(Call& call, const core::Cache& c, const core::Decode& d, int32_t* sel, int64_t sel_ts,
+           int64_t sel_hs, int width, int64_t scores_off, int64_t launch_rows) {
+  RouteArgs r{};
+  r.c = call.cache;
+  r.q = d.q.data;
+  r.q_ts = d.q.token_stride;
+  r.q_hs = d.q.head_stride;
+  r.g = call.g;
+  r.st = call.state();
+  r.sel = sel;
+  r.sel_ts = sel_ts;
+  r.sel_hs = sel_hs;
+  r.width = width;
+  r.scores = call.g.units > kSmemScores ? call.ws.at<float>(scores_off) : nullptr;
+  const int64_t rows = d.total_q * (d.gqa_shared_routing ? c.heads_kv : d.heads_q);
+  for (int64_t r0 = 0; r0 < rows; r0 += launch_rows) {
+    r.row_begin = static_cast<int>(r0);
+    const auto grid = static_cast<unsigned>(std::min(launch_rows, rows - r0));
+    by_dtype_and_dim(c.dtype, c.head_dim, [&](auto elem, auto dim) {
+      route_kernel<decltype(elem), decltype(dim)::value>
+          <<<grid, kRouteThreads, 0, call.stream>>>(r);
+    });
+    check(cudaGetLastError(), "launch of the decode routing kernel");
+  }
+}
+
+// Reserves the routing score buffer (blocks beyond shared memory) and
+// returns the rows per routing launch.
+int64_t reserve_scores(Call& call, const core::Cache& c, const core::Decode& d,
+                       int64_t* scores_off) {
+  const int64_t rows = d.total_q * (d.gqa_shared_routing ? c.heads_kv : d.heads_q);
+  int64_t launch_rows = std::min<int64_t>(std::max<int64_t>(rows, 1), INT32_MAX);
+  if (call.g.units > kSmemScores) {
+    launch_rows = std::clamp<int64_t>(decode_budget() / (call.g.units * 4), 1, launch_rows);
+    *scores_off = call.ws.reserve(launch_rows * call.g.units * 4);
+  }
+  return launch_rows;
+}
+
+void check_queries(const core::Cache& c, const core::Decode& d) {
+  check_cache(c);
+  check_aligned(d.q.data, {d.q.token_stride, d.q.head_stride}, 8, 2, "q");
+  check_device_pointer(d.q.data, "q", c.device.index);
+  check_device_pointer(d.cu_q, "cu_seqlens_q", c.device.index);
+  if (d.total_q * d.heads_q > INT32_MAX)
+    fail(Status::unsupported, "q: the cuda backend supports total_q x Hq < 2^31");
+}
+
+}  // namespace
+
+void kv_append(const core::Cache& c, const core::Append& a, void* stream_handle) {
+  check_cache(c);
+  check_aligned(a.k.data, {a.k.token_stride, a.k.head_stride}, 8, 2, "k_new");
+  check_aligned(a.v.data, {a.v.token_stride, a.v.head_stride}, 8, 2, "v_new");
+  check_device_pointer(a.k.data, "k_new", c.device.index);
+  check_device_pointer(a.v.data, "v_new", c.device.index);
+  check_device_pointer(a.cu, "cu_seqlens_new", c.device.index);
+  if (a.total > INT32_MAX) fail(Status::unsupported, "k_new: at most 2^31 - 1 rows");
+  if (c.batch == 0) return;
+  DeviceGuard guard(c.device.index);
+  const auto stream = static_cast<cudaStream_t>(stream_handle);
+  Workspace ws;
+  const int64_t start_off = ws.reserve(c.batch * 4);
+  ws.allocate(stream);
+  AppendArgs args{};
+  args.c = cache_args(c);
+  args.k_new = a.k.data;
+  args.v_new = a.v.data;
+  args.kn_ts = a.k.token_stride;
+  args.kn_hs = a.k.head_stride;
+  args.vn_ts = a.v.token_stride;
+  args.vn_hs = a.v.head_stride;
+  args.cu = a.cu;
+  args.cu_stride = a.cu_stride;
+  args.batch = static_cast<int>(c.batch);
+  args.total = static_cast<int>(a.total);
+  args.head_dim = static_cast<int>(c.head_dim);
+  args.start = ws.at<int32_t>(start_off);
+  append_validate_kernel<<<args.batch, kThreads, 0, stream>>>(args);
+  check(cudaGetLastError(), "launch of the append validation kernel");
+  if (a.total == 0) return;
+  // A sequence's new rows touch at most ceil(rows / block) + 1 blocks.
+  const int64_t touched = core::num_blocks(a.total, args.c.block_size) + 1;
+  const dim3 grid(static_cast<unsigned>(touched), static_cast<unsigned>(c.batch));
+  if (c.dtype == DType::bfloat16)
+    append_copy_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(args);
+  else
+    append_copy_kernel<__half><<<grid, kThreads, 0, stream>>>(args);
+  check(cudaGetLastError(), "launch of the append kernel");
+}
+
+void kv_decode(const core::Cache& c, const core::Decode& d, const core::Rows& out,
+               const core::Lse& lse, void* stream_handle) {
+  check_queries(c, d);
+  check_device_pointer(out.data, "out", c.device.index);
+  check_device_pointer(lse.data, "lse", c.device.index);
+  if (d.total_q == 0 || c.batch == 0) return;
+  DeviceGuard guard(c.device.index);
+  Call call;
+  call.stream = static_cast<cudaStream_t>(stream_handle);
+  call.cache = cache_args(c);
+  plan(call, c, d, /*attention=*/true);
+  Geometry& g = call.g;
+
+  // Rows per pass: 4 when a kv group's rows of a decode step fit, else 8.
+  const bool wide = d.group > 4 || d.total_q > c.batch;
+  using Kernel = void (*)(AttendArgs);
+  Kernel kernel = nullptr;
+  by_dtype_and_dim(c.dtype, c.head_dim, [&](auto elem, auto dim) {
+    using T = decltype(elem);
+    constexpr int D = decltype(dim)::value;
+    kernel = wide ? attend_kernel<T, D, 8> : attend_kernel<T, D, 4>;
+  });
+
+  // Split-K: enough CTAs for kWaves of the resident CTA slots (so the last,
+  // partial wave costs at most ~1/kWaves), chunks of at least kMinChunk keys.
+  // Items: the work-list bound (routed; exact for a decode step with shared
+  // routing) or every unit (dense).
+  int resident = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, 0),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  const int64_t target =
+      int64_t{kWaves} * host::multiprocessors(c.device.index) * std::max(resident, 1);
+  const int64_t items = call.routed ? call.item_cap : c.batch * c.heads_kv * int64_t{g.units};
+  const int64_t max_split = std::max<int64_t>(1, (g.unit + kMinChunk - 1) / kMinChunk);
+  int64_t split =
+      std::clamp<int64_t>((target + items - 1) / std::max<int64_t>(items, 1), 1, max_split);
+  int64_t chunk = (g.unit + split - 1) / split;
+  chunk = std::min<int64_t>(g.unit, (chunk + 63) / 64 * 64);
+  g.chunk = static_cast<int>(chunk);
+  g.split = static_cast<int>((g.unit + chunk - 1) / chunk);
+  const int64_t grid_x = (call.routed ? call.item_cap : int64_t{g.units}) * g.split;
+  if (grid_x > INT32_MAX) fail(Status::unsupported, "cache: too many key chunks for one launch");
+
+  // Workspace: selection for every row, merge counters for every row;
+  // partials for a range of query tokens.
+  int64_t sel_off = 0, scores_off = 0, launch_rows = 0;
+  if (!g.dense) {
+    sel_off = call.ws.reserve(d.total_q * d.heads_q * g.width * 4);
+    launch_rows = reserve_scores(call, c, d, &scores_off);
+  }
+  const int64_t done_off = call.ws.reserve(d.total_q * d.heads_q * 4);
+  const int64_t slots = int64_t{g.width} * g.split;
+  const int64_t per_token = d.heads_q * slots * (c.head_dim + 1) * 4;
+  const int64_t range = std::clamp<int64_t>(decode_budget() / per_token, 1, d.total_q);
+  const int64_t part_o_off = call.ws.reserve(range * d.heads_q * slots * c.head_dim * 4);
+  const int64_t part_lse_off = call.ws.reserve(range * d.heads_q * slots * 4);
+  call.ws.allocate(call.stream);
+  int32_t* done = call.ws.at<int32_t>(done_off);
+  validate(call, d, &out, &lse, done);
+  int32_t* sel = g.dense ? nullptr : call.ws.at<int32_t>(sel_off);
+  if (!g.dense)
+    route(call, c, d, sel, d.heads_q * g.width, g.width, g.width, scores_off, launch_rows);
+
+  AttendArgs at{};
+  at.c = call.cache;
+  at.q = d.q.data;
+  at.q_ts = d.q.token_stride;
+  at.q_hs = d.q.head_stride;
+  at.g = g;
+  at.st = call.state();
+  at.st.done = done;
+  at.sel = sel;
+  at.scale_log2 = d.softmax_scale * kLog2e;
+  at.part_o = call.ws.at<float>(part_o_off);
+  at.part_lse = call.ws.at<float>(part_lse_off);
+  at.out = out.data;
+  at.o_ts = out.token_stride;
+  at.o_hs = out.head_stride;
+  at.lse = lse.data;
+  at.lse_hs = lse.head_stride;
+  at.lse_ts = lse.token_stride;
+  const dim3 grid = call.routed
+                        ? dim3(static_cast<unsigned>(grid_x))
+                        : dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(c.heads_kv),
+                               static_cast<unsigned>(c.batch));
+  for (int64_t t0 = 0; t0 < d.total_q; t0 += range) {
+    at.t_begin = static_cast<int>(t0);
+    at.t_end = static_cast<int>(std::min(d.total_q, t0 + range));
+    kernel<<<grid, kThreads, 0, call.stream>>>(at);
+    check(cudaGetLastError(), "launch of the decode attention kernel");
+  }
+}
+
+void kv_routing(const core::Cache& c, const core::Decode& d, const Selection& selection,
+                void* stream_handle) {
+  check_queries(c, d);
+  check_device_pointer(selection.data, "selected", c.device.index);
+  if (selection.width > INT32_MAX) fail(Status::unsupported, "selected: width beyond 2^31 - 1");
+  if (d.total_q == 0 || c.batch == 0 || selection.width == 0) return;
+  DeviceGuard guard(c.device.index);
+  Call call;
+  call.stream = static_cast<cudaStream_t>(stream_handle);
+  call.cache = cache_args(c);
+  plan(call, c, d, /*attention=*/false);
+  // Dense or not, the routing kernel writes every row (all blocks up to the
+  // row's own when top_k covers them).
+  int64_t scores_off = 0;
+  const int64_t launch_rows = reserve_scores(call, c, d, &scores_off);
+  call.ws.allocate(call.stream);
+  validate(call, d);
+  route(call, c, d, selection.data, selection.token_stride, selection.head_stride,
+        static_cast<int>(selection.width), scores_off, launch_rows);
+}
+
+int64_t kv_bytes_read(const core::Cache& c, const core::Decode& d, void* stream_handle) {
+  check_queries(c, d);
+  if (d.total_q == 0 || c.batch == 0) return 0;
+  DeviceGuard guard(c.device.index);
+  Call call;
+  call.stream = static_cast<cudaStream_t>(stream_handle);
+  call.cache = cache_args(c);
+  plan(call, c, d, /*attention=*/false);
+  const Geometry& g = call.g;
+  int64_t sel_off = 0, scores_off = 0, launch_rows = 0;
+  if (!g.dense) {
+    sel_off = call.ws.reserve(d.total_q * d.heads_q * g.width * 4);
+    launch_rows = reserve_scores(call, c, d, &scores_off);
+  }
+  const int64_t keys_off = call.ws.reserve(8);
+  call.ws.allocate(call.stream);
+  validate(call, d);
+  BytesArgs b{};
+  b.c = call.cache;
+  b.g = g;
+  b.st = call.state();
+  b.sel = g.dense ? nullptr : call.ws.at<int32_t>(sel_off);
+  b.keys = call.ws.at<unsigned long long>(keys_off);
+  if (!g.dense)
+    route(call, c, d, call.ws.at<int32_t>(sel_off), d.heads_q * g.width, g.width, g.width,
+          scores_off, launch_rows);
+  check(cudaMemsetAsync(b.keys, 0, 8, call.stream), "cudaMemsetAsync");
+  const dim3 grid(static_cast<unsigned>(g.units), static_cast<unsigned>(c.heads_kv),
+                  static_cast<unsigned>(c.batch));
+  bytes_kernel<<<grid, 32, 0, call.stream>>>(b);
+  check(cudaGetLastError(), "launch of the bytes-read kernel");
+  unsigned long long keys = 0;
+  check(cudaMemcpyAsync(&keys, b.keys, 8, cudaMemcpyDeviceToHost, call.stream), "cudaMemcpyAsync");
+  check(cudaStreamSynchronize(call.stream), "cudaStreamSynchronize");
+  return static_cast<int64_t>(keys) * c.head_dim * dtype_size(c.dtype) * 2;
+}
+
+}  // namespace moba::backends::cuda
