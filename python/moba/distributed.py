@@ -12,14 +12,20 @@ the queries, keys and values of its shard. Two forms:
   on a constructed chunked-prefill problem whose keys are [those blocks, in
   sequence order] + [its own chunk], so the op routes and attends exactly as on
   the whole sequence (``docs/distributed.md`` says why the selection cannot
-  change). The backward is the op's, with the adjoint all-to-all returning the
-  key/value gradients to the ranks that own the blocks.
+  change). The work is pipelined over groups of kv heads (``overlap_stages``):
+  the next group's blocks are in flight (``async_op=True``) while the op runs on
+  the current one. The backward is the op's, with the reverse all-to-all
+  returning the key/value gradients to the ranks that own the blocks, each
+  group's while the op's backward runs on the next.
 * :func:`head_parallel_attn` -- the paper's approach: an all-to-all turns the
   sequence shards into head shards, each rank runs the op on the full sequences
   for its heads, and a second all-to-all turns the output back.
 
 Both are differentiable (``torch.autograd``) and exact: the same routing, the
 output and gradients of the single-process op within floating-point rounding.
+They run on CPU tensors with gloo and on CUDA tensors with NCCL (one GPU per rank,
+``torch.cuda.set_device`` done by the caller): every buffer is made on the inputs'
+device and every exchanged tensor is contiguous.
 Each rank's shard is given by :func:`shard_bounds` (``layout`` contiguous or
 zig-zag); :func:`shard` and :func:`unshard` cut and reassemble full tensors.
 """
@@ -34,7 +40,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._ops import moba_attn_varlen, routing
+from ._ops import (
+    _FLOAT_DTYPES,
+    _attn_bwd,
+    _attn_fwd,
+    _check_backend,
+    _check_qkv,
+    _check_scale,
+    routing,
+)
 
 __all__ = [
     "Layout",
@@ -55,6 +69,9 @@ _LAYOUTS = ("contiguous", "zigzag")
 _SCORE_MARGIN = 1e-5
 # Queries routed at once when planning the fetch (bounds the [Hq, n, n_blocks] scores).
 _ROUTING_SLICE = 2048
+# Default number of kv-head groups whose fetches are pipelined with the op (see
+# context_parallel_attn): more hides more of the fetch, each adds a collective.
+_DEFAULT_STAGES = 4
 
 
 # --------------------------------------------------------------------------
@@ -174,43 +191,8 @@ def unshard(
 
 
 # --------------------------------------------------------------------------
-# Differentiable collectives
+# Process group and arguments
 # --------------------------------------------------------------------------
-
-
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` along dim 0 with uneven splits; its adjoint is the reverse exchange."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        send_splits: list[int],
-        recv_splits: list[int],
-        group: dist.ProcessGroup | None,
-    ) -> Tensor:
-        ctx.exchange = (send_splits, recv_splits, group)
-        return _all_to_all(x, send_splits, recv_splits, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        send_splits, recv_splits, group = ctx.exchange
-        return _all_to_all(grad, recv_splits, send_splits, group), None, None, None
-
-
-def _exchange(
-    x: Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup | None
-) -> Tensor:
-    """Differentiable all-to-all: rows ``send_splits[r]`` of ``x`` go to rank ``r``, in order."""
-    return cast(Tensor, _AllToAll.apply(x, send_splits, recv_splits, group))
-
-
-def _all_to_all(
-    x: Tensor, send_splits: list[int], recv_splits: list[int], group: dist.ProcessGroup | None
-) -> Tensor:
-    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
-    return out
 
 
 def _group_info(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -288,7 +270,8 @@ def _candidate_blocks(
     top_k: int,
     gqa_shared_routing: bool,
 ) -> Tensor:
-    """bool [chunk_start // block_size]: the blocks before a chunk that its queries select.
+    """bool [Hkv, chunk_start // block_size]: per kv head, the blocks before a chunk that
+    the chunk's queries of its query heads select.
 
     ``q`` are the chunk's queries, ``means`` its sequence's block means. Each query is
     ranked against all its past blocks (those inside the chunk included, which may
@@ -297,10 +280,10 @@ def _candidate_blocks(
     summation order in the op cannot make it select a block that was not fetched.
     """
     first_block = chunk_start // block_size
-    needed = torch.zeros(first_block, dtype=torch.bool, device=q.device)
+    heads_q, heads_kv = q.shape[1], means.shape[1]
+    needed = torch.zeros((heads_kv, first_block), dtype=torch.bool, device=q.device)
     if first_block == 0 or top_k == 1 or q.shape[0] == 0:
         return needed
-    heads_q, heads_kv = q.shape[1], means.shape[1]
     group = heads_q // heads_kv
     last_past = (chunk_start + q.shape[0] - 1) // block_size  # the last query's current block
     past_means = means[:last_past].float().repeat_interleave(group, dim=1)  # [nb, Hq, D]
@@ -319,26 +302,9 @@ def _candidate_blocks(
         nan = torch.isnan(scores)
         finite = scores.masked_fill(nan | ~past, float("-inf"))
         threshold = finite.topk(kept, dim=-1).values[..., -1:]  # [H, Lq, 1]; -inf: take all
-        selectable = past & ((finite >= threshold - margin[..., None]) | nan)
-        needed |= selectable.flatten(0, 1).any(0)[:first_block]
-    return needed
-    heads_q, heads_kv = q.shape[1], means.shape[1]
-    group = heads_q // heads_kv
-    past_means = means[:first_block].float().repeat_interleave(group, dim=1)  # [nb, Hq, D]
-    scale = past_means.abs().amax(dim=(0, 2))  # [Hq]
-    kept = min(top_k - 1, first_block)
-    for lo in range(0, q.shape[0], _ROUTING_SLICE):
-        qs = q[lo : lo + _ROUTING_SLICE].float()
-        scores = torch.einsum("qhd,nhd->hqn", qs, past_means)  # [Hq, Lq, nb]
-        margin = qs.abs().sum(-1).T * scale[:, None] * _SCORE_MARGIN  # [Hq, Lq]
-        if gqa_shared_routing:
-            scores = scores.view(heads_kv, group, *scores.shape[1:]).sum(1)
-            margin = margin.view(heads_kv, group, -1).sum(1)
-        nan = torch.isnan(scores)
-        finite = scores.masked_fill(nan, float("-inf"))
-        threshold = finite.topk(kept, dim=-1).values[..., -1:]  # [H, Lq, 1]
-        selectable = (finite >= threshold - margin[..., None]) | nan
-        needed |= selectable.flatten(0, 1).any(0)
+        selectable = past & ((finite >= threshold - margin[..., None]) | nan)  # [H, Lq, nb]
+        per_kv = selectable.any(1).view(heads_kv, -1, last_past).any(1)  # [Hkv, nb]
+        needed |= per_kv[:, :first_block]
     return needed
 
 
@@ -365,20 +331,39 @@ def _token_index(starts: list[int], block_size: int, device: torch.device) -> Te
     return (base[:, None] + torch.arange(block_size, device=device)).flatten()
 
 
-class _Constructed(NamedTuple):
-    """A rank's chunked-prefill problem: its queries against [candidate blocks] + [its chunks]."""
+def _split_range(count: int, parts: int) -> list[tuple[int, int]]:
+    """``count`` items split into ``parts`` contiguous, near-equal ranges."""
+    return [(i * count // parts, (i + 1) * count // parts) for i in range(parts)]
 
-    k: Tensor
-    v: Tensor
-    cu_seqlens_q: Tensor
+
+class _Stage(NamedTuple):
+    """One kv-head group of a rank's context-parallel problem: its fetch and its keys.
+
+    The op runs on this rank's queries of the group's query heads against, per local
+    chunk, [the chunk's candidate past blocks for these heads, in sequence order] +
+    [the chunk]: a chunked-prefill problem whose routing equals the whole sequence's.
+    """
+
+    kv_heads: tuple[int, int]  # [first, last) kv heads
+    q_heads: tuple[int, int]  # the query heads that read them
+    send_index: Tensor  # local token rows sent, rank after rank
+    send_splits: list[int]
+    recv_splits: list[int]
+    key_index: Tensor  # rows of [local tokens ; received tokens] forming the keys
     cu_seqlens_k: Tensor
-    max_seqlen_q: int
     max_seqlen_k: int
-    block_maps: list[list[int]]  # per local chunk: the sequence's index of each constructed block
+    block_maps: list[list[int]]  # per local chunk: the sequence's index of each key block
+    fetched_blocks: list[int]  # batch-wide indices of the remote blocks received
+
+
+class _Plan(NamedTuple):
+    stages: list[_Stage]
+    cu_seqlens_q: Tensor
+    max_seqlen_q: int
     max_seqlen: int  # the longest sequence of the batch
 
 
-def _construct(
+def _plan(
     q_local: Tensor,
     k_local: Tensor,
     v_local: Tensor,
@@ -389,17 +374,23 @@ def _construct(
     gqa_shared_routing: bool,
     layout: str,
     group: dist.ProcessGroup | None,
-    stats: dict[str, int] | None,
-) -> _Constructed:
+    stages: int | None,
+) -> _Plan:
+    """Routes this rank's queries on the all-gathered block means and plans the fetches."""
     rank, world = _group_info(group)
     if block_size < 1 or top_k < 1:
         raise ValueError(f"moba_chunk_size, moba_topk: expected >= 1, got {block_size}, {top_k}")
+    if stages is not None and stages < 1:
+        raise ValueError(f"overlap_stages: expected >= 1 or None, got {stages}")
     seqlens = _resolve_seqlens(cu_seqlens, seqlen, q_local, group)
     all_chunks = _layout(seqlens, world, block_size, _check_layout(layout))
     chunks = all_chunks[rank]
     _check_inputs(q_local, k_local, v_local, chunks, rank)
     device = q_local.device
-    heads_kv, dim = k_local.shape[1], k_local.shape[2]
+    heads_q, heads_kv, dim = q_local.shape[1], k_local.shape[1], k_local.shape[2]
+    group_size = heads_q // heads_kv
+    n_stages = min(heads_kv, _DEFAULT_STAGES if stages is None else stages)
+    head_ranges = _split_range(heads_kv, n_stages)
     n_blocks = sum(-(-length // block_size) for length in seqlens)
 
     # 1. Block means of every rank, in batch order (tiny: all-gathered, padded).
@@ -419,9 +410,10 @@ def _construct(
                 means[first : first + count] = gathered[r][used : used + count]
                 used += count
 
-        # 2. Route this rank's queries: the past blocks each local chunk may select.
-        chunk_needs: list[list[int]] = []
-        request = torch.zeros(n_blocks, dtype=torch.bool, device=device)
+        # 2. Route this rank's queries: per kv head, the past blocks each local chunk
+        #    may select; a stage needs the union over its kv heads.
+        chunk_needs: list[Tensor] = []  # per chunk: bool [stages, blocks before it]
+        request = torch.zeros((n_stages, n_blocks), dtype=torch.bool, device=device)
         offset = 0
         for c in chunks:
             need = _candidate_blocks(
@@ -432,66 +424,223 @@ def _construct(
                 top_k,
                 gqa_shared_routing,
             )
-            request[c.block_base : c.block_base + need.shape[0]] |= need
-            chunk_needs.append((need.nonzero().flatten() + c.block_base).tolist())
+            per_stage = torch.stack([need[lo:hi].any(0) for lo, hi in head_ranges])
+            request[:, c.block_base : c.block_base + need.shape[1]] |= per_stage
+            chunk_needs.append(per_stage)
             offset += c.end - c.start
         owner, local_start = _owners(all_chunks, block_size, n_blocks)
         request &= torch.tensor(owner, device=device) != rank
         plans = [torch.empty_like(request, dtype=torch.uint8) for _ in range(world)]
         dist.all_gather(plans, request.to(torch.uint8), group=group)
-        plan = [p.bool().tolist() for p in plans]
+        plan = [p.bool().tolist() for p in plans]  # [rank][stage][block]
+        needs = [n.cpu().tolist() for n in chunk_needs]  # [chunk][stage][block]
 
-    # 3. Fetch: one all_to_all of the requested blocks' K and V (packed together).
-    kv_local = torch.cat([k_local, v_local], dim=-1)  # [n_r, Hkv, 2D]
-    send_starts: list[int] = []
-    send_splits: list[int] = []
-    recv_splits: list[int] = []
-    recv_blocks: list[int] = []
-    for r in range(world):
-        mine_for_r = [b for b in range(n_blocks) if plan[r][b] and owner[b] == rank]
-        send_starts += [local_start[b] for b in mine_for_r]
-        send_splits.append(len(mine_for_r) * block_size)
-        theirs = [b for b in range(n_blocks) if plan[rank][b] and owner[b] == r]
-        recv_blocks += theirs
-        recv_splits.append(len(theirs) * block_size)
-    send = kv_local.index_select(0, _token_index(send_starts, block_size, device))
-    received = _exchange(send, send_splits, recv_splits, group)
-    if stats is not None:
-        stats["fetched_blocks"] = len(recv_blocks)
-        stats["fetched_bytes"] = received.numel() * received.element_size()
-        stats["sent_bytes"] = send.numel() * send.element_size()
-
-    # 4. Per local chunk, keys = [its candidate past blocks in sequence order] +
-    #    [the chunk]; its queries are the chunk, i.e. the last positions.
-    pool = torch.cat([kv_local, received], dim=0)
-    pool_start = {b: kv_local.shape[0] + i * block_size for i, b in enumerate(recv_blocks)}
-    key_index: list[Tensor] = []
-    block_maps: list[list[int]] = []
-    cu_q, cu_k = [0], [0]
-    offset = 0
-    for c, need_list in zip(chunks, chunk_needs, strict=True):
-        starts = [local_start[b] if owner[b] == rank else pool_start[b] for b in need_list]
-        key_index.append(_token_index(starts, block_size, device))
-        key_index.append(torch.arange(offset, offset + c.end - c.start, device=device))
-        # Block indices within the sequence, as moba.routing reports them.
-        block_maps.append(
-            [b - c.block_base for b in need_list]
-            + list(range(c.start // block_size, -(-c.end // block_size)))
+    # 3. Per stage: who sends what to whom, and the keys of the constructed problem.
+    n_local = q_local.shape[0]
+    planned: list[_Stage] = []
+    for s, (lo, hi) in enumerate(head_ranges):
+        send_starts: list[int] = []
+        send_splits: list[int] = []
+        recv_splits: list[int] = []
+        recv_blocks: list[int] = []
+        for r in range(world):
+            mine_for_r = [b for b in range(n_blocks) if plan[r][s][b] and owner[b] == rank]
+            send_starts += [local_start[b] for b in mine_for_r]
+            send_splits.append(len(mine_for_r) * block_size)
+            theirs = [b for b in range(n_blocks) if plan[rank][s][b] and owner[b] == r]
+            recv_blocks += theirs
+            recv_splits.append(len(theirs) * block_size)
+        pool_start = {b: n_local + i * block_size for i, b in enumerate(recv_blocks)}
+        key_index: list[Tensor] = []
+        block_maps: list[list[int]] = []
+        cu_k = [0]
+        offset = 0
+        for c, chunk_need in zip(chunks, needs, strict=True):
+            need_list = [c.block_base + b for b, wanted in enumerate(chunk_need[s]) if wanted]
+            starts = [local_start[b] if owner[b] == rank else pool_start[b] for b in need_list]
+            key_index.append(_token_index(starts, block_size, device))
+            key_index.append(torch.arange(offset, offset + c.end - c.start, device=device))
+            # Block indices within the sequence, as moba.routing reports them.
+            block_maps.append(
+                [b - c.block_base for b in need_list]
+                + list(range(c.start // block_size, -(-c.end // block_size)))
+            )
+            offset += c.end - c.start
+            cu_k.append(cu_k[-1] + len(starts) * block_size + c.end - c.start)
+        planned.append(
+            _Stage(
+                kv_heads=(lo, hi),
+                q_heads=(lo * group_size, hi * group_size),
+                send_index=_token_index(send_starts, block_size, device),
+                send_splits=send_splits,
+                recv_splits=recv_splits,
+                key_index=(
+                    torch.cat(key_index)
+                    if key_index
+                    else torch.zeros(0, dtype=torch.int64, device=device)
+                ),
+                cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
+                max_seqlen_k=max((b - a for a, b in itertools.pairwise(cu_k)), default=0),
+                block_maps=block_maps,
+                fetched_blocks=recv_blocks,
+            )
         )
-        offset += c.end - c.start
-        cu_q.append(offset)
-        cu_k.append(cu_k[-1] + len(starts) * block_size + c.end - c.start)
-    keys = pool.index_select(0, torch.cat(key_index))
-    return _Constructed(
-        k=keys[..., :dim],
-        v=keys[..., dim:],
+    cu_q = [0, *itertools.accumulate(c.end - c.start for c in chunks)]
+    return _Plan(
+        stages=planned,
         cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
-        cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
         max_seqlen_q=max((b - a for a, b in itertools.pairwise(cu_q)), default=0),
-        max_seqlen_k=max((b - a for a, b in itertools.pairwise(cu_k)), default=0),
-        block_maps=block_maps,
         max_seqlen=max(seqlens, default=0),
     )
+
+
+class _InFlight(NamedTuple):
+    """An all-to-all started with ``async_op=True``: its buffers must live until it is waited on."""
+
+    work: Any  # dist.Work, or None when nothing moved
+    sent: Tensor
+    received: Tensor
+
+    def wait(self) -> Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.received
+
+
+def _start_all_to_all(
+    send: Tensor,
+    send_splits: list[int],
+    recv_splits: list[int],
+    group: dist.ProcessGroup | None,
+) -> _InFlight:
+    """Starts ``all_to_all_single`` (rows ``send_splits[r]`` to rank ``r``) without waiting.
+
+    NCCL needs contiguous tensors on the ranks' devices; both are made here. Every rank
+    calls this for every exchange, in the same order, even with nothing to move.
+    """
+    send = send.contiguous()
+    received = send.new_empty((sum(recv_splits), *send.shape[1:]))
+    work = dist.all_to_all_single(
+        received, send, recv_splits, send_splits, group=group, async_op=True
+    )
+    return _InFlight(work, send, received)
+
+
+def _stage_keys(kv: Tensor, received: Tensor, stage: _Stage) -> Tensor:
+    """[keys, kv heads of the stage, 2D]: the stage's constructed keys and values."""
+    lo, hi = stage.kv_heads
+    return torch.cat([kv[:, lo:hi], received], dim=0).index_select(0, stage.key_index)
+
+
+class _OpOptions(NamedTuple):
+    block_size: int
+    top_k: int
+    softmax_scale: float | None
+    gqa_shared_routing: bool
+    backend: str
+
+
+class _ContextParallel(torch.autograd.Function):
+    """The pipelined context-parallel attention: stage ``s + 1``'s fetch is in flight while
+    the op runs on stage ``s``; the backward overlaps each stage's return of key/value
+    gradients with the next stage's op backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        plan: _Plan,
+        options: _OpOptions,
+        group: dist.ProcessGroup | None,
+    ) -> tuple[Tensor, Tensor]:
+        dim = k.shape[2]
+        kv = torch.cat([k, v], dim=-1)  # [n_r, Hkv, 2D]: K and V travel together
+
+        def start(stage: _Stage) -> _InFlight:
+            lo, hi = stage.kv_heads
+            send = kv[:, lo:hi].index_select(0, stage.send_index)
+            return _start_all_to_all(send, stage.send_splits, stage.recv_splits, group)
+
+        outs: list[Tensor] = []
+        lses: list[Tensor] = []
+        received: list[Tensor] = []
+        in_flight = start(plan.stages[0])
+        for i, stage in enumerate(plan.stages):
+            following = start(plan.stages[i + 1]) if i + 1 < len(plan.stages) else None
+            recv = in_flight.wait()
+            keys = _stage_keys(kv, recv, stage)
+            lo, hi = stage.q_heads
+            out, lse = _attn_fwd(
+                q[:, lo:hi].contiguous(),
+                keys[..., :dim],
+                keys[..., dim:],
+                plan.cu_seqlens_q,
+                stage.cu_seqlens_k,
+                plan.max_seqlen_q,
+                stage.max_seqlen_k,
+                *options,
+            )
+            outs.append(out)
+            lses.append(lse)
+            received.append(recv)
+            if following is not None:
+                in_flight = following
+        out = torch.cat(outs, dim=1)
+        lse = torch.cat(lses, dim=0)
+        ctx.save_for_backward(q, kv, out, lse, *received)
+        ctx.plan, ctx.options, ctx.group = plan, options, group
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, kv, out, lse, *received = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        dim = kv.shape[2] // 2
+        n_local = kv.shape[0]
+        dq = torch.empty_like(q)
+        dkv = torch.zeros_like(kv)
+        pending: tuple[_Stage, _InFlight] | None = None
+
+        def finish(stage: _Stage, in_flight: _InFlight) -> None:
+            # Gradients of the blocks this rank sent, summed over the ranks that read them.
+            lo, hi = stage.kv_heads
+            dkv[:, lo:hi].index_add_(0, stage.send_index, in_flight.wait())
+
+        for stage, recv in zip(plan.stages, received, strict=True):
+            keys = _stage_keys(kv, recv, stage)
+            lo, hi = stage.q_heads
+            dq_s, dk_s, dv_s = _attn_bwd(
+                dout[:, lo:hi].contiguous(),
+                q[:, lo:hi].contiguous(),
+                keys[..., :dim],
+                keys[..., dim:],
+                out[:, lo:hi].contiguous(),
+                lse[lo:hi].contiguous(),
+                plan.cu_seqlens_q,
+                stage.cu_seqlens_k,
+                plan.max_seqlen_q,
+                stage.max_seqlen_k,
+                *ctx.options,
+            )
+            dq[:, lo:hi] = dq_s
+            kv_lo, kv_hi = stage.kv_heads
+            dpool = kv.new_zeros((n_local + recv.shape[0], kv_hi - kv_lo, 2 * dim))
+            dpool.index_add_(0, stage.key_index, torch.cat([dk_s, dv_s], dim=-1))
+            dkv[:, kv_lo:kv_hi] += dpool[:n_local]
+            # The fetched blocks' gradients go back to their owners (the reverse exchange)
+            # while the next stage's op backward runs.
+            returning = _start_all_to_all(
+                dpool[n_local:], stage.recv_splits, stage.send_splits, ctx.group
+            )
+            if pending is not None:
+                finish(*pending)
+            pending = (stage, returning)
+        if pending is not None:
+            finish(*pending)
+        return dq, dkv[..., :dim], dkv[..., dim:], None, None, None
 
 
 def context_parallel_attn(
@@ -509,6 +658,7 @@ def context_parallel_attn(
     group: dist.ProcessGroup | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    overlap_stages: int | None = None,
     stats: dict[str, int] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """MoBA of causal sequences sharded over the ranks of ``group``, by fetching selected blocks.
@@ -520,41 +670,57 @@ def context_parallel_attn(
     Returns this rank's output ``[n_r, Hq, D]`` (and ``lse`` ``[Hq, n_r]`` float32, no
     gradient), equal to the matching rows of :func:`moba.moba_attn_varlen` on the whole
     batch, with the same routing. Every rank of ``group`` must call it with the same
-    arguments. ``stats``, when given, receives the blocks and bytes this rank fetched and sent.
+    arguments.
+
+    ``overlap_stages`` (default ``min(Hkv, 4)``) splits the kv heads into that many
+    groups, each with its own fetch: the op runs on one group while the next group's
+    blocks are in flight, and in the backward each group's key/value gradients travel
+    back while the op's backward runs on the next. ``1`` is the unpipelined form.
+    ``stats``, when given, receives ``stages``, ``fetched_blocks`` (remote blocks fetched
+    for at least one kv head), ``fetched_bytes`` and ``sent_bytes``.
 
     Communication: one ``all_gather`` of block means (``n_blocks * Hkv * D`` elements),
-    one of the fetch plan (``n_blocks`` bytes per rank) and one ``all_to_all_single`` of the
-    candidate remote blocks' keys and values; the backward sends their gradients back
-    with the reverse ``all_to_all_single``.
+    one of the fetch plan (``stages * n_blocks`` bytes per rank) and per stage one
+    ``all_to_all_single`` of the candidate remote blocks' keys and values for its kv
+    heads; the backward sends their gradients back with the reverse exchanges.
     """
-    problem = _construct(
+    block_size, top_k = int(moba_chunk_size), int(moba_topk)
+    _check_qkv(q_local, k_local, v_local, _FLOAT_DTYPES)
+    options = _OpOptions(
+        block_size,
+        top_k,
+        _check_scale(softmax_scale),
+        bool(gqa_shared_routing),
+        _check_backend(backend),
+    )
+    plan = _plan(
         q_local,
         k_local,
         v_local,
-        int(moba_chunk_size),
-        int(moba_topk),
+        block_size,
+        top_k,
         cu_seqlens,
         seqlen,
         gqa_shared_routing,
         layout,
         group,
-        stats,
+        overlap_stages,
     )
-    return moba_attn_varlen(  # type: ignore[call-overload, no-any-return]
-        q_local,
-        problem.k,
-        problem.v,
-        problem.cu_seqlens_q,
-        problem.max_seqlen_q,
-        int(moba_chunk_size),
-        int(moba_topk),
-        softmax_scale=softmax_scale,
-        return_lse=return_lse,
-        gqa_shared_routing=gqa_shared_routing,
-        backend=backend,
-        cu_seqlens_k=problem.cu_seqlens_k,
-        max_seqlen_k=problem.max_seqlen_k,
+    if stats is not None:
+        width = 2 * k_local.shape[2] * k_local.element_size()
+        stats["stages"] = len(plan.stages)
+        stats["fetched_blocks"] = len({b for s in plan.stages for b in s.fetched_blocks})
+        stats["fetched_bytes"] = sum(
+            sum(s.recv_splits) * (s.kv_heads[1] - s.kv_heads[0]) * width for s in plan.stages
+        )
+        stats["sent_bytes"] = sum(
+            sum(s.send_splits) * (s.kv_heads[1] - s.kv_heads[0]) * width for s in plan.stages
+        )
+    out, lse = cast(
+        tuple[Tensor, Tensor],
+        _ContextParallel.apply(q_local, k_local, v_local, plan, options, group),
     )
+    return (out, lse) if return_lse else out
 
 
 def context_parallel_routing(
@@ -577,7 +743,8 @@ def context_parallel_routing(
     shard it equals).
     """
     block_size, top_k = int(moba_chunk_size), int(moba_topk)
-    problem = _construct(
+    # One stage: the routing needs every kv head's keys at once (values are not moved).
+    plan = _plan(
         q_local,
         k_local,
         k_local,
@@ -588,24 +755,28 @@ def context_parallel_routing(
         gqa_shared_routing,
         layout,
         group,
-        None,
+        1,
     )
+    stage = plan.stages[0]
+    send = k_local.detach().index_select(0, stage.send_index)
+    received = _start_all_to_all(send, stage.send_splits, stage.recv_splits, group).wait()
+    keys = torch.cat([k_local.detach(), received]).index_select(0, stage.key_index)
     local = routing(
         q_local.detach(),
-        problem.k.detach(),
-        problem.cu_seqlens_q,
-        problem.max_seqlen_q,
+        keys,
+        plan.cu_seqlens_q,
+        plan.max_seqlen_q,
         block_size,
         top_k,
         gqa_shared_routing=gqa_shared_routing,
         backend=backend,
-        cu_seqlens_k=problem.cu_seqlens_k,
-        max_seqlen_k=problem.max_seqlen_k,
+        cu_seqlens_k=stage.cu_seqlens_k,
+        max_seqlen_k=stage.max_seqlen_k,
     )
-    width = max(1, min(top_k, -(-problem.max_seqlen // block_size)))
+    width = max(1, min(top_k, -(-plan.max_seqlen // block_size)))
     out = torch.full((*q_local.shape[:2], width), -1, dtype=torch.int32, device=q_local.device)
-    cu = problem.cu_seqlens_q.tolist()
-    for chunk, block_map in enumerate(problem.block_maps):
+    cu = plan.cu_seqlens_q.tolist()
+    for chunk, block_map in enumerate(stage.block_maps):
         rows = local[cu[chunk] : cu[chunk + 1]].long()
         lookup = torch.tensor([*block_map, -1], dtype=torch.int32, device=q_local.device)
         mapped = lookup[torch.where(rows < 0, len(block_map), rows)]
@@ -630,32 +801,157 @@ def _batch_order(all_chunks: list[list[_Chunk]], device: torch.device) -> Tensor
     return torch.cat(index) if index else torch.zeros(0, dtype=torch.int64, device=device)
 
 
-def _seq_to_heads(
-    x: Tensor, lengths: list[int], world: int, order: Tensor, group: dist.ProcessGroup | None
-) -> Tensor:
-    """[n_r, H, ...] sequence shard -> [total, H / world, ...]: this rank's heads, in order."""
-    heads = x.shape[1] // world
-    # [world, n_r, h, ...]: the slice of heads each rank receives, one after another.
-    per_rank = x.reshape(x.shape[0], world, heads, *x.shape[2:]).transpose(0, 1)
-    send = per_rank.reshape(world * x.shape[0], heads, *x.shape[2:])
-    recv = _exchange(send, [x.shape[0]] * world, lengths, group)
-    return recv.index_select(0, order)
+class _HeadStage(NamedTuple):
+    """One kv-head group of head parallelism: rank ``j`` takes the ``j``-th slice of
+    ``heads_q`` query heads and ``heads_kv`` kv heads of the group."""
+
+    q_first: int  # the group's first query head
+    kv_first: int  # the group's first kv head
+    heads_q: int  # query heads per rank
+    heads_kv: int  # kv heads per rank
 
 
-def _heads_to_seq(
-    y: Tensor,
-    lengths: list[int],
-    rank: int,
-    world: int,
-    inverse: Tensor,
-    group: dist.ProcessGroup | None,
-) -> Tensor:
-    """The inverse of :func:`_seq_to_heads`."""
-    send = y.index_select(0, inverse)  # rank-ordered shards
-    local = lengths[rank]
-    recv = _exchange(send, lengths, [local] * world, group)  # [world * n_r, h, ...]
-    per_rank = recv.view(world, local, *y.shape[1:]).transpose(0, 1)
-    return per_rank.reshape(local, world * y.shape[1], *y.shape[2:])
+class _HeadPlan(NamedTuple):
+    stages: list[_HeadStage]
+    lengths: list[int]  # tokens per rank
+    order: Tensor  # rank-ordered concatenation of the shards -> batch order
+    inverse: Tensor  # batch order -> rank-ordered concatenation
+    cu_seqlens: Tensor
+    max_seqlen: int
+    rank: int
+    world: int
+    group: dist.ProcessGroup | None
+    want_lse: bool
+
+
+def _to_heads(parts: list[Tensor], plan: _HeadPlan) -> _InFlight:
+    """Starts the sequence-shard -> head-shard exchange of ``parts`` ``[n_r, W * h_i, D_i]``,
+    packed per token: rank ``j`` receives the ``j``-th head slice of every part."""
+    world, n_local = plan.world, parts[0].shape[0]
+    packed = torch.cat(
+        [p.reshape(n_local, world, p.shape[1] // world * p.shape[2]) for p in parts], dim=-1
+    )
+    send = packed.transpose(0, 1).reshape(world * n_local, packed.shape[2])
+    return _start_all_to_all(send, [n_local] * world, plan.lengths, plan.group)
+
+
+def _from_heads(parts: list[Tensor], plan: _HeadPlan) -> _InFlight:
+    """Starts the head-shard -> sequence-shard exchange of ``parts`` ``[total, h_i, D_i]``."""
+    total = plan.order.numel()
+    packed = torch.cat([p.reshape(total, p.shape[1] * p.shape[2]) for p in parts], dim=-1)
+    local = plan.lengths[plan.rank]
+    return _start_all_to_all(
+        packed.index_select(0, plan.inverse), plan.lengths, [local] * plan.world, plan.group
+    )
+
+
+def _unpack_heads(received: Tensor, widths: list[int], plan: _HeadPlan) -> list[Tensor]:
+    """The parts of a finished :func:`_to_heads` in batch order, ``[total, widths_i, D]``."""
+    rows = received.index_select(0, plan.order)
+    dim = rows.shape[1] // sum(widths)
+    pieces = torch.split(rows, [w * dim for w in widths], dim=-1)
+    return [p.reshape(rows.shape[0], w, dim) for p, w in zip(pieces, widths, strict=True)]
+
+
+def _unpack_seq(received: Tensor, widths: list[int], plan: _HeadPlan) -> list[Tensor]:
+    """The parts of a finished :func:`_from_heads`, ``[n_r, W * widths_i, D]``."""
+    world, local = plan.world, plan.lengths[plan.rank]
+    dim = received.shape[1] // sum(widths)
+    per_token = received.view(world, local, received.shape[1]).transpose(0, 1)  # [n_r, W, width]
+    pieces = torch.split(per_token, [w * dim for w in widths], dim=-1)
+    return [p.reshape(local, world * w, dim) for p, w in zip(pieces, widths, strict=True)]
+
+
+class _HeadParallel(torch.autograd.Function):
+    """Head parallelism pipelined over kv-head groups: group ``s + 1``'s q/k/v exchange is
+    in flight while the op runs on group ``s``, and group ``s``'s output travels back
+    while the op runs on the next; the backward does the same with the output gradient
+    going out and dq/dk/dv coming back."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        plan: _HeadPlan,
+        options: _OpOptions,
+    ) -> tuple[Tensor, Tensor]:
+        world = plan.world
+
+        def start(st: _HeadStage) -> _InFlight:
+            q_end, kv_end = st.q_first + st.heads_q * world, st.kv_first + st.heads_kv * world
+            parts = [
+                q[:, st.q_first : q_end],
+                k[:, st.kv_first : kv_end],
+                v[:, st.kv_first : kv_end],
+            ]
+            return _to_heads(parts, plan)
+
+        saved: list[Tensor] = []
+        out_flights: list[_InFlight] = []
+        lse_flights: list[_InFlight] = []
+        in_flight = start(plan.stages[0])
+        for i, st in enumerate(plan.stages):
+            following = start(plan.stages[i + 1]) if i + 1 < len(plan.stages) else None
+            qh, kh, vh = _unpack_heads(
+                in_flight.wait(), [st.heads_q, st.heads_kv, st.heads_kv], plan
+            )
+            out_h, lse_h = _attn_fwd(
+                qh, kh, vh, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen, plan.max_seqlen,
+                *options,
+            )  # fmt: skip
+            out_flights.append(_from_heads([out_h], plan))
+            if plan.want_lse:
+                lse_flights.append(_from_heads([lse_h.T[..., None]], plan))
+            saved += [qh, kh, vh, out_h, lse_h]
+            if following is not None:
+                in_flight = following
+        out = torch.empty_like(q)
+        lse = torch.full((q.shape[1], q.shape[0]), float("nan"), device=q.device)
+        for st, flight in zip(plan.stages, out_flights, strict=True):
+            (part,) = _unpack_seq(flight.wait(), [st.heads_q], plan)
+            out[:, st.q_first : st.q_first + st.heads_q * world] = part
+        for st, flight in zip(plan.stages if plan.want_lse else [], lse_flights, strict=True):
+            (part,) = _unpack_seq(flight.wait(), [st.heads_q], plan)
+            lse[st.q_first : st.q_first + st.heads_q * world] = part[..., 0].T
+        ctx.save_for_backward(*saved)
+        ctx.plan, ctx.options, ctx.kv_shape = plan, options, k.shape
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+        plan: _HeadPlan = ctx.plan
+        world, saved = plan.world, ctx.saved_tensors
+        dq = torch.empty_like(dout)
+        dk = dout.new_empty(ctx.kv_shape)
+        dv = dout.new_empty(ctx.kv_shape)
+
+        def start(st: _HeadStage) -> _InFlight:
+            return _to_heads([dout[:, st.q_first : st.q_first + st.heads_q * world]], plan)
+
+        returning: list[_InFlight] = []
+        in_flight = start(plan.stages[0])
+        for i, st in enumerate(plan.stages):
+            following = start(plan.stages[i + 1]) if i + 1 < len(plan.stages) else None
+            (dout_h,) = _unpack_heads(in_flight.wait(), [st.heads_q], plan)
+            qh, kh, vh, out_h, lse_h = saved[5 * i : 5 * i + 5]
+            grads = _attn_bwd(
+                dout_h, qh, kh, vh, out_h, lse_h, plan.cu_seqlens, plan.cu_seqlens,
+                plan.max_seqlen, plan.max_seqlen, *ctx.options,
+            )  # fmt: skip
+            returning.append(_from_heads(list(grads), plan))
+            if following is not None:
+                in_flight = following
+        for st, flight in zip(plan.stages, returning, strict=True):
+            dq_p, dk_p, dv_p = _unpack_seq(
+                flight.wait(), [st.heads_q, st.heads_kv, st.heads_kv], plan
+            )
+            dq[:, st.q_first : st.q_first + st.heads_q * world] = dq_p
+            dk[:, st.kv_first : st.kv_first + st.heads_kv * world] = dk_p
+            dv[:, st.kv_first : st.kv_first + st.heads_kv * world] = dv_p
+        return dq, dk, dv, None, None
 
 
 def head_parallel_attn(
@@ -673,6 +969,7 @@ def head_parallel_attn(
     group: dist.ProcessGroup | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    overlap_stages: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """MoBA of sharded sequences by head parallelism (the paper's approach).
 
@@ -682,42 +979,71 @@ def head_parallel_attn(
     and an all-to-all returns each rank its tokens for all heads. Communication per
     rank: ``(world - 1) / world`` of its tokens' ``(2 * Hq + 2 * Hkv) * D`` elements each
     way, forward and again backward; memory: the whole batch for a slice of heads.
+
+    ``overlap_stages`` (a divisor of ``Hkv / world``; default the largest up to 4)
+    pipelines the kv heads in that many groups: the next group's exchange is in flight
+    while the op runs on the current one, and the current group's output travels back
+    meanwhile (the backward likewise).
     """
     rank, world = _group_info(group)
     block_size = int(moba_chunk_size)
     if block_size < 1:
         raise ValueError(f"moba_chunk_size: expected >= 1, got {block_size}")
+    _check_qkv(q_local, k_local, v_local, _FLOAT_DTYPES)
+    options = _OpOptions(
+        block_size,
+        int(moba_topk),
+        _check_scale(softmax_scale),
+        bool(gqa_shared_routing),
+        _check_backend(backend),
+    )
+    heads_q, heads_kv = q_local.shape[1], k_local.shape[1]
+    if heads_kv % world != 0:
+        raise ValueError(
+            f"k_local: head parallelism needs the kv heads ({heads_kv}) to be a multiple "
+            f"of the world size ({world}); use context_parallel_attn"
+        )
+    per_rank = heads_kv // world
+    if overlap_stages is None:
+        n_stages = max(s for s in range(1, min(per_rank, _DEFAULT_STAGES) + 1) if per_rank % s == 0)
+    elif overlap_stages < 1 or per_rank % overlap_stages != 0:
+        raise ValueError(
+            f"overlap_stages: expected a divisor of Hkv / world = {per_rank}, got {overlap_stages}"
+        )
+    else:
+        n_stages = overlap_stages
     seqlens = _resolve_seqlens(cu_seqlens, seqlen, q_local, group)
     all_chunks = _layout(seqlens, world, block_size, _check_layout(layout))
     _check_inputs(q_local, k_local, v_local, all_chunks[rank], rank)
-    if k_local.shape[1] % world != 0:
-        raise ValueError(
-            f"k_local: head parallelism needs the kv heads ({k_local.shape[1]}) to be a multiple "
-            f"of the world size ({world}); use context_parallel_attn"
-        )
     device = q_local.device
-    lengths = [sum(c.end - c.start for c in chunks) for chunks in all_chunks]
     order = _batch_order(all_chunks, device)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=device)
-    q, k, v = (_seq_to_heads(t, lengths, world, order, group) for t in (q_local, k_local, v_local))
-    cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32, device=device)
-    out, lse = moba_attn_varlen(
-        q,
-        k,
-        v,
-        cu,
-        max(seqlens, default=0),
-        block_size,
-        moba_topk,
-        softmax_scale=softmax_scale,
-        return_lse=True,
-        gqa_shared_routing=gqa_shared_routing,
-        backend=backend,
+    group_size = heads_q // heads_kv
+    kv_per_stage = heads_kv // n_stages
+    plan = _HeadPlan(
+        stages=[
+            _HeadStage(
+                q_first=s * kv_per_stage * group_size,
+                kv_first=s * kv_per_stage,
+                heads_q=kv_per_stage // world * group_size,
+                heads_kv=kv_per_stage // world,
+            )
+            for s in range(n_stages)
+        ],
+        lengths=[sum(c.end - c.start for c in chunks) for chunks in all_chunks],
+        order=order,
+        inverse=inverse,
+        cu_seqlens=torch.tensor(
+            [0, *itertools.accumulate(seqlens)], dtype=torch.int32, device=device
+        ),
+        max_seqlen=max(seqlens, default=0),
+        rank=rank,
+        world=world,
+        group=group,
+        want_lse=return_lse,
     )
-    out_local = _heads_to_seq(out, lengths, rank, world, inverse, group)
-    if not return_lse:
-        return out_local
-    with torch.no_grad():
-        lse_local = _heads_to_seq(lse.T.contiguous(), lengths, rank, world, inverse, group)
-    return out_local, lse_local.T.contiguous()
+    out, lse = cast(
+        tuple[Tensor, Tensor], _HeadParallel.apply(q_local, k_local, v_local, plan, options)
+    )
+    return (out, lse) if return_lse else out

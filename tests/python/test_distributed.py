@@ -4,17 +4,21 @@ Each test starts one group of processes (spawned, bounded by a timeout so that a
 hang fails the test instead of blocking CI) that runs a list of cases; every rank
 checks its shard of the forward output, lse, routing and gradients against
 ``moba.moba_attn_varlen`` / ``moba.routing`` on the whole sequence, which each rank
-also computes (the inputs come from one seed).
+also computes (the inputs come from one seed). The ring-attention baseline of
+``bench/distributed/bench_cp.py`` is checked the same way against dense causal attention.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import multiprocessing as mp
 import os
 import queue
 import socket
 import traceback
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -44,6 +48,9 @@ CASES_2: list[Case] = [
     ((200,), 16, 3, 4, 2, False, "contiguous", "head"),
     ((333,), 32, 2, 8, 2, True, "zigzag", "head"),
     ((120, 0, 7, 250), 16, 3, 4, 2, False, "zigzag", "head"),
+    # Hkv / world = 2 and 4: head parallelism pipelined over 2 and 4 kv-head groups.
+    ((150,), 16, 4, 8, 4, False, "zigzag", "head"),
+    ((60, 90), 8, 2, 8, 8, True, "contiguous", "head"),
 ]
 CASES_3: list[Case] = [
     ((300,), 16, 3, 4, 1, False, "contiguous", "context"),
@@ -54,6 +61,7 @@ CASES_3: list[Case] = [
     ((250,), 8, 6, 3, 3, False, "contiguous", "head"),
     ((250,), 16, 3, 6, 3, True, "zigzag", "head"),
     ((64, 200, 33), 8, 3, 6, 3, False, "contiguous", "head"),
+    ((130,), 16, 4, 12, 6, False, "zigzag", "head"),
 ]
 
 
@@ -101,8 +109,14 @@ def _check_case(case: Case, rank: int, world: int) -> None:
         else moba.distributed.head_parallel_attn
     )
     stats: dict[str, int] = {}
+    # Pipelining stages vary with the case (default, unpipelined, 2, 3); more than Hkv
+    # are clamped to Hkv.
+    stages = (None, 1, 2, 3)[(sum(seqlens) + top_k) % 4]
     if form == "context":
         batch["stats"] = stats
+        batch["overlap_stages"] = stages
+    elif stages == 1:
+        batch["overlap_stages"] = 1  # else the default: the most groups up to 4
     out, lse = attn(
         *local,
         block,
@@ -114,6 +128,18 @@ def _check_case(case: Case, rank: int, world: int) -> None:
         **batch,
     )
     batch.pop("stats", None)
+    # Without lse: the same output (the form's other return path).
+    plain = attn(
+        *(t.detach() for t in local),
+        block,
+        top_k,
+        gqa_shared_routing=shared,
+        layout=layout,
+        softmax_scale=scale,
+        **batch,
+    )
+    torch.testing.assert_close(plain, out.detach(), atol=0, rtol=0)
+    batch.pop("overlap_stages", None)
     out.backward(cut(dout))
     tol = 5e-5
     torch.testing.assert_close(out, cut(ref_out.detach()), atol=tol, rtol=0)
@@ -135,7 +161,17 @@ def _check_case(case: Case, rank: int, world: int) -> None:
         chosen = (local_sel + cut(base)[:, None, None])[local_sel >= 0]
         remote = set(chosen.tolist()) - owned
         assert stats["fetched_blocks"] == len(remote), (stats, sorted(remote))
-        assert stats["fetched_bytes"] == len(remote) * block * k.shape[1] * k.shape[2] * 2 * 4
+        # Each stage fetches, for its kv heads only, the blocks their query heads select.
+        heads_kv = k.shape[1]
+        group = q.shape[1] // heads_kv
+        assert stats["stages"] == min(heads_kv, 4 if stages is None else stages)
+        expected = 0
+        for s in range(stats["stages"]):
+            lo, hi = s * heads_kv // stats["stages"], (s + 1) * heads_kv // stats["stages"]
+            sel = local_sel[:, lo * group : hi * group]
+            picked = (sel + cut(base)[:, None, None])[sel >= 0]
+            expected += len(set(picked.tolist()) - owned) * block * (hi - lo) * k.shape[2] * 2 * 4
+        assert stats["fetched_bytes"] == expected, (stats, expected)
 
 
 def _check_errors(rank: int, world: int) -> None:
@@ -149,6 +185,53 @@ def _check_errors(rank: int, world: int) -> None:
         moba.distributed.context_parallel_attn(*shards, 8, 2, seqlen=128)
     with pytest.raises(ValueError, match="layout"):
         moba.distributed.context_parallel_attn(*shards, 8, 2, seqlen=64, layout="ring")
+    with pytest.raises(ValueError, match="overlap_stages"):
+        moba.distributed.context_parallel_attn(*shards, 8, 2, seqlen=64, overlap_stages=0)
+    wide = [moba.distributed.shard(torch.randn(64, 3 * world, 8), rank, world, 8)] * 3
+    with pytest.raises(ValueError, match="overlap_stages: expected a divisor of Hkv / world = 3"):
+        moba.distributed.head_parallel_attn(*wide, 8, 2, seqlen=64, overlap_stages=2)
+
+
+BENCH_CP = Path(__file__).resolve().parents[2] / "bench" / "distributed" / "bench_cp.py"
+
+
+def _load_bench_cp() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_cp", BENCH_CP)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_ring(rank: int, world: int) -> None:
+    """The benchmark's ring attention equals dense causal attention (forward and backward)."""
+    bench_cp = _load_bench_cp()
+    for seqlen, block, layout in ((200, 16, "zigzag"), (333, 32, "contiguous"), (40, 16, "zigzag")):
+        gen = torch.Generator().manual_seed(seqlen)
+        q, dout = (torch.randn(seqlen, 4, 16, generator=gen) for _ in range(2))
+        k, v = (torch.randn(seqlen, 2, 16, generator=gen) for _ in range(2))
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        heads_first = [t.transpose(0, 1) for t in full]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            *heads_first, is_causal=True, enable_gqa=True
+        ).transpose(0, 1)
+        ref.backward(dout)
+
+        def cut(t: torch.Tensor, block: int = block, layout: str = layout) -> torch.Tensor:
+            return moba.distributed.shard(t, rank, world, block, layout)
+
+        local = [cut(t).clone().requires_grad_() for t in (q, k, v)]
+        out, lse = bench_cp.ring_attention(*local, seqlen, block, layout)
+        out.backward(cut(dout))
+        scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(2, dim=1)) / 4
+        causal = torch.ones(seqlen, seqlen, dtype=torch.bool).tril()
+        ref_lse = scores.masked_fill(~causal, float("-inf")).logsumexp(-1)
+        tol = 1e-5
+        torch.testing.assert_close(out, cut(ref.detach()), atol=tol, rtol=0)
+        torch.testing.assert_close(lse, cut(ref_lse.T).T, atol=tol, rtol=0)
+        for name, mine, want in zip("qkv", local, full, strict=True):
+            assert mine.grad is not None and want.grad is not None
+            torch.testing.assert_close(mine.grad, cut(want.grad), atol=tol, rtol=0, msg=f"d{name}")
 
 
 def _worker(rank: int, world: int, port: int, cases: list[Case], results: Any) -> None:
@@ -165,6 +248,13 @@ def _worker(rank: int, world: int, port: int, cases: list[Case], results: Any) -
             except Exception:
                 # The ranks' collectives are out of step now: report and stop.
                 results.put((rank, case, traceback.format_exc()))
+                return
+        if world == 3:
+            # In this group rather than its own: spawning the ranks costs more than the check.
+            try:
+                _check_ring(rank, world)
+            except Exception:
+                results.put((rank, "ring attention baseline", traceback.format_exc()))
                 return
         try:
             _check_errors(rank, world)
@@ -219,6 +309,7 @@ def _run_group(world: int, cases: list[Case]) -> list[str]:
 
 @pytest.mark.parametrize(("world", "cases"), [(2, CASES_2), (3, CASES_3)], ids=["2", "3"])
 def test_matches_single_process(world: int, cases: list[Case]) -> None:
+    """The cases, then the argument errors; with 3 ranks also the ring-attention baseline."""
     failures = _run_group(world, cases)
     assert not failures, "\n".join(failures)
 
