@@ -337,6 +337,17 @@ def _check_cu_seqlens(cu: Tensor, name: str, q: Tensor) -> None:
         raise ValueError(f"{name}: on {cu.device}, expected {q.device} like q")
 
 
+def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Under torch.autocast, q, k and v in the autocast dtype, as SDPA takes them:
+    a model's rotary embedding can leave q and k in float32 while v is bf16."""
+    device = q.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    q, k, v = (t.to(dtype) if t.is_floating_point() else t for t in (q, k, v))
+    return q, k, v
+
+
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
     for t, name, layout in (
         (q, "q", "[total_q, Hq, D]"),
@@ -529,6 +540,7 @@ def moba_attn_varlen(
     Returns:
         ``out`` ``[total_q, Hq, D]`` in q's dtype, or ``(out, lse)``.
     """
+    q, k, v = _autocast(q, k, v)
     _check_qkv(q, k, v, _FLOAT_DTYPES)
     problem = _check_problem(
         q, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk, cu_seqlens_k, max_seqlen_k
@@ -581,6 +593,7 @@ def routing(
             cu_seqlens_k=cu_seqlens_k,
             max_seqlen_k=max_seqlen_k,
         )
+    q, k, _ = _autocast(q, k, k)
     _check_qkv(q, k, k, _FLOAT_DTYPES)
     problem = _check_problem(
         q, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk, cu_seqlens_k, max_seqlen_k

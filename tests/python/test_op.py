@@ -97,6 +97,26 @@ def test_half_precision_gradients(dtype: torch.dtype) -> None:
         torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
+def test_autocast_takes_mixed_precision_inputs() -> None:
+    """Under torch.autocast the op runs in the autocast dtype, as SDPA does: a
+    rotary embedding can leave q and k in float32 while v is bfloat16."""
+    lengths = [0, 30, 45]
+    q, k, v = random_qkv(75, 75, 4, 2, 16, torch.float32)
+    cu = cu_seqlens(lengths)
+    qq, kk = (t.clone().requires_grad_() for t in (q, k))
+    vv = v.to(torch.bfloat16).requires_grad_()
+    with pytest.raises(ValueError, match="dtype"):
+        moba.moba_attn_varlen(qq, kk, vv, cu, 45, 8, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moba.moba_attn_varlen(qq, kk, vv, cu, 45, 8, 3)
+    assert out.dtype == torch.bfloat16
+    want = moba.moba_naive(*(t.detach().bfloat16() for t in (q, k, v)), cu, 45, 8, 3)
+    torch.testing.assert_close(out.detach(), want, **TOLERANCES[torch.bfloat16])
+    out.float().sum().backward()
+    assert qq.grad is not None and qq.grad.dtype == torch.float32
+    assert vv.grad is not None and vv.grad.dtype == torch.bfloat16
+
+
 def test_gradcheck_naive_float64() -> None:
     lengths = [0, 7, 1, 12]
     q, k, v = random_qkv(20, 20, 2, 1, 8, torch.float64)
