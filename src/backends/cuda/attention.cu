@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "backends/cuda/attention_common.cuh"
 #include "backends/cuda/kernels.cuh"
 #include "backends/cuda/sm90_attention.cuh"
 
@@ -28,60 +29,15 @@ namespace moba::backends::cuda::detail {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 template <int D>
 constexpr int smem_bytes() {
   return (kTileRows + 2 * kTileKeys) * D * 2;
 }
 
-// What a tile attends to, in positions within its sequence.
-struct TileKeys {
-  int64_t key_row0;  // packed k row of position 0 of the sequence
-  int kvh;
-  int lo, hi;               // keys [lo, hi)
-  int first_pos, last_pos;  // positions of the first / last query row (current, dense)
-  int rows;                 // valid rows
-  int64_t row0;             // packed query row of tile row 0 (current, dense)
-  int head;                 // query head (current, dense)
-};
-
-template <AttnMode kMode>
-__device__ __forceinline__ int first_chunk(const TileKeys& tk) {
-  return tk.lo < tk.hi ? tk.lo : -1;
-}
-
-// The next 64-key chunk after the one at t0 that some row of the tile needs,
-// or -1. In current mode the chunks that lie wholly before every remaining
-// row's block start are skipped (tiny blocks would otherwise scan the tile's
-// whole span).
-template <AttnMode kMode>
-__device__ __forceinline__ int next_chunk(const TileKeys& tk, int t0, int block_size) {
-  int t = t0 + kTileKeys;
-  if (t >= tk.hi) return -1;
-  if constexpr (kMode == AttnMode::current) {
-    const int p = max(tk.first_pos, t);  // the first row that still needs keys >= t
-    if (p > tk.last_pos) return -1;
-    t = max(t, (p / block_size) * block_size);
-  }
-  return t;
-}
-
-template <AttnMode kMode>
-__device__ __forceinline__ bool chunk_needs_mask(const TileKeys& tk, int t0, int block_size) {
-  if constexpr (kMode == AttnMode::past) {
-    return t0 + kTileKeys > tk.hi;
-  } else if constexpr (kMode == AttnMode::current) {
-    return t0 < (tk.last_pos / block_size) * block_size || t0 + kTileKeys - 1 > tk.first_pos;
-  } else {
-    return t0 + kTileKeys - 1 > tk.first_pos;
-  }
-}
-
 template <class T, int D>
 __device__ __forceinline__ void load_keys(uint32_t dst, const T* base, int64_t token_stride,
-                                          const TileKeys& tk, int t0) {
+                                          const AttnTile& tk, int t0) {
   constexpr int kChunks = D / 8;
   const T* head_base = base + tk.key_row0 * token_stride;
 #pragma unroll
@@ -97,7 +53,7 @@ __device__ __forceinline__ void load_keys(uint32_t dst, const T* base, int64_t t
 
 template <class T, int D, AttnMode kMode>
 __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row_q,
-                            const int32_t* row_info, const TileKeys& tk, int64_t chunk_row0) {
+                            const int32_t* row_info, const AttnTile& tk, int64_t chunk_row0) {
   constexpr int kChunks = D / 8;
   constexpr int kDT = D / 8;  // n8 tiles of the output
   const T* q = static_cast<const T*>(a.q);
@@ -107,7 +63,7 @@ __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row
   const uint32_t sK = sQ + kTileRows * D * 2;
   const uint32_t sV = sK + kTileKeys * D * 2;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  const float scale_log2 = a.scale * kLog2e;
+  const float scale_log2 = a.scale * kAttnLog2e;
   const int bs = a.block_size;
 
 #pragma unroll
@@ -117,7 +73,7 @@ __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row
     const int64_t off = row_q[r];
     cp_async16(sQ + tile_offset<D>(r, c), off >= 0 ? q + off + c * 8 : q, off >= 0);
   }
-  int t0 = first_chunk<kMode>(tk);
+  int t0 = first_key_step(tk);
   if (t0 >= 0) load_keys<T, D>(sK, kb, a.k_ts, tk, t0);
   cp_async_commit();
 
@@ -171,7 +127,7 @@ __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row
       }
     }
 
-    if (chunk_needs_mask<kMode>(tk, t0, bs)) {
+    if (key_step_needs_mask<kMode, kTileKeys>(tk, t0, bs)) {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -195,34 +151,15 @@ __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float mx = m[mt][h];
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-          mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float ref = mx == -INFINITY ? 0.0f : mx * scale_log2;
-        const float alpha = fast_exp2(m[mt][h] * scale_log2 - ref);
-        m[mt][h] = mx;
-        float sum = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          s[mt][nt][2 * h] = fast_exp2(fmaf(s[mt][nt][2 * h], scale_log2, -ref));
-          s[mt][nt][2 * h + 1] = fast_exp2(fmaf(s[mt][nt][2 * h + 1], scale_log2, -ref));
-          sum += s[mt][nt][2 * h] + s[mt][nt][2 * h + 1];
-        }
-        l[mt][h] = l[mt][h] * alpha + sum;
-#pragma unroll
-        for (int dt = 0; dt < kDT; ++dt) {
-          o[mt][dt][2 * h] *= alpha;
-          o[mt][dt][2 * h + 1] *= alpha;
-        }
-      }
+      for (int h = 0; h < 2; ++h)
+        online_softmax_row<8, kDT>(
+            m[mt][h], l[mt][h], scale_log2,
+            [&](int nt, int j) -> float& { return s[mt][nt][2 * h + j]; },
+            [&](int dt, int j) -> float& { return o[mt][dt][2 * h + j]; });
 
     cp_async_wait_all();
     __syncthreads();  // V landed; every warp is done reading K
-    const int t_next = next_chunk<kMode>(tk, t0, bs);
+    const int t_next = next_key_step<kMode, kTileKeys>(tk, t0, bs);
     if (t_next >= 0) {
       load_keys<T, D>(sK, kb, a.k_ts, tk, t_next);
       cp_async_commit();
@@ -253,70 +190,15 @@ __device__ void attend_tile(const AttnArgs& a, uint8_t* smem, const int64_t* row
     t0 = t_next;
   }
 
-  // Epilogue: the quad's partial sums make the row sum.
+  // Epilogue (attention_common.cuh): partials + lse (past), LSE merge +
+  // out/lse (current), out/lse (dense).
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = warp * 32 + mt * 16 + h * 8 + g;
-      float sum = l[mt][h];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (r >= tk.rows) continue;
-      // Row max in base-2 units of the scaled scores.
-      const float mref = m[mt][h] * scale_log2;
-      if constexpr (kMode == AttnMode::past) {
-        const int64_t e = row_info[r];
-        const float inv = 1.0f / sum;
-        // Stored in the input dtype: the merge weighs it by its lse in fp32,
-        // and the final output is rounded to that dtype anyway; this halves
-        // the partials' traffic.
-        T* dst = static_cast<T*>(a.part_o) + e * D + 2 * tq;
-#pragma unroll
-        for (int dt = 0; dt < kDT; ++dt)
-          *reinterpret_cast<uint32_t*>(dst + dt * 8) =
-              pack2<T>(o[mt][dt][2 * h] * inv, o[mt][dt][2 * h + 1] * inv);
-        if (tq == 0) a.part_lse[e] = (mref + log2f(sum)) * kLn2;
-      } else {
-        const int64_t row = tk.row0 + r;
-        const int head = tk.head;
-        float top = mref, total = sum;
-        if constexpr (kMode == AttnMode::current) {
-          const int count = min(a.past, pos[mt][h] / bs);
-          if (count > 0) {
-            const int64_t base = ((row - chunk_row0) * a.heads_q + head) * a.past;
-            for (int sl = 0; sl < count; ++sl) top = fmaxf(top, a.part_lse[base + sl] * kLog2e);
-            const float f = fast_exp2(mref - top);
-            total *= f;
-#pragma unroll
-            for (int dt = 0; dt < kDT; ++dt) {
-              o[mt][dt][2 * h] *= f;
-              o[mt][dt][2 * h + 1] *= f;
-            }
-            for (int sl = 0; sl < count; ++sl) {
-              const float w = fast_exp2(a.part_lse[base + sl] * kLog2e - top);
-              total += w;
-              const T* src = static_cast<const T*>(a.part_o) + (base + sl) * D + 2 * tq;
-#pragma unroll
-              for (int dt = 0; dt < kDT; ++dt) {
-                const float2 x = unpack2<T>(*reinterpret_cast<const uint32_t*>(src + dt * 8));
-                o[mt][dt][2 * h] = fmaf(w, x.x, o[mt][dt][2 * h]);
-                o[mt][dt][2 * h + 1] = fmaf(w, x.y, o[mt][dt][2 * h + 1]);
-              }
-            }
-          }
-        }
-        const float inv = 1.0f / total;
-        T* dst =
-            static_cast<T*>(a.out) + row * a.o_ts + static_cast<int64_t>(head) * a.o_hs + 2 * tq;
-#pragma unroll
-        for (int dt = 0; dt < kDT; ++dt)
-          *reinterpret_cast<uint32_t*>(dst + dt * 8) =
-              pack2<T>(o[mt][dt][2 * h] * inv, o[mt][dt][2 * h + 1] * inv);
-        if (tq == 0 && a.lse != nullptr)
-          a.lse[head * a.lse_hs + row * a.lse_ts] = (top + log2f(total)) * kLn2;
-      }
-    }
+    for (int h = 0; h < 2; ++h)
+      store_row<T, D, kMode>(a, tk, warp * 32 + mt * 16 + h * 8 + g, pos[mt][h], row_info, 0,
+                             m[mt][h], l[mt][h], scale_log2, bs, chunk_row0, tq,
+                             [&](int dt, int j) -> float& { return o[mt][dt][2 * h + j]; });
 }
 
 template <class T, int D, AttnMode kMode>
@@ -336,22 +218,12 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const AttnArgs a
   if constexpr (kMode == AttnMode::past) {
     const int tiles = *a.num_descs;
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int4 desc = a.descs[tile];
-      TileKeys tk{};
-      tk.kvh = static_cast<int>(desc.x / a.blocks_bound);
-      const int gb = static_cast<int>(desc.x - tk.kvh * a.blocks_bound);
-      const int b = upper_index(st.block_begin, st.batch + 1, gb);
-      const int len_k = st.k_begin[b + 1] - st.k_begin[b];
-      tk.key_row0 = st.k_begin[b];
-      tk.lo = (gb - st.block_begin[b]) * a.block_size;
-      tk.hi = min(tk.lo + a.block_size, len_k);
-      tk.rows = desc.z;
+      AttnTile tk{};
+      decode_past_tile(a, a.descs[tile], tk);
       const int r = threadIdx.x;
-      if (r < desc.z) {
-        const int e = a.entries[desc.y + r];
-        const int local = e / (a.heads_q * a.past);
-        const int head = (e / a.past) % a.heads_q;
-        row_q[r] = (chunk_row0 + local) * a.q_ts + static_cast<int64_t>(head) * a.q_hs;
+      if (r < tk.rows) {
+        const int e = a.entries[tk.entry0 + r];
+        row_q[r] = past_q_offset(a, e, chunk_row0);
         row_info[r] = e;
       } else {
         row_q[r] = -1;
@@ -372,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(const AttnArgs a
     const int b = tr.seq;
     const int len_q = st.q_begin[b + 1] - st.q_begin[b];
     const int len_k = st.k_begin[b + 1] - st.k_begin[b];
-    TileKeys tk{};
+    AttnTile tk{};
     tk.kvh = head / a.group;
     tk.key_row0 = st.k_begin[b];
     tk.first_pos = len_k - len_q + tr.first;

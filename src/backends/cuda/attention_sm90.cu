@@ -42,6 +42,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "backends/cuda/attention_common.cuh"
 #include "backends/cuda/kernels.cuh"
 #include "backends/cuda/sm90_attention.cuh"
 #include "backends/cuda/sm90_ptx.cuh"
@@ -77,8 +78,6 @@ struct Sm90Smem {
 // 128 x 40 + 256 x 232 = 64,512 <= 65,536 registers of the SM.
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
-constexpr float kLog2eSm90 = 1.4426950408889634f;
-constexpr float kLn2Sm90 = 0.6931471805599453f;
 
 // Barrier indices.
 constexpr int kBarQFull = 0;                      // [2] Q buffer landed (128 cp.async arrivals)
@@ -103,45 +102,24 @@ __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
                                (((chunk & 7) ^ (row & 7)) << 4));
 }
 
-// What a tile attends to (positions within its sequence), decoded the same
-// way by the producer and the consumers.
-struct Sm90Tile {
-  int64_t key_row0;  // packed k row of position 0 of the sequence
-  int kvh;
-  int lo, hi;               // keys [lo, hi)
-  int first_pos, last_pos;  // positions of the first / last query row (current, dense)
-  int rows;                 // valid rows
-  int64_t row0;             // packed query row of tile row 0 (current, dense)
-  int head;                 // query head (current, dense)
-  int entry0;               // first entry of the descriptor (past)
-};
-
 // Tile `index` of the launch: a descriptor (past) or a (row tile, query
 // head) pair, heads fastest and longest tiles first (current, dense), as in
-// the mma.sync kernel. False when the row tile does not exist.
+// the mma.sync kernel; decoded the same way by the producer and the
+// consumers. False when the row tile does not exist.
 template <AttnMode kMode>
-__device__ __forceinline__ bool decode_tile(const AttnArgs& a, int index, Sm90Tile& tk) {
-  const SeqTable& st = a.seq;
+__device__ __forceinline__ bool decode_tile(const AttnArgs& a, int index, AttnTile& tk) {
   tk.first_pos = tk.last_pos = 0;
   tk.row0 = 0;
   tk.head = 0;
   tk.entry0 = 0;
   if constexpr (kMode == AttnMode::past) {
-    const int4 desc = a.descs[index];
-    tk.kvh = static_cast<int>(desc.x / a.blocks_bound);
-    const int gb = static_cast<int>(desc.x - tk.kvh * a.blocks_bound);
-    const int b = upper_index(st.block_begin, st.batch + 1, gb);
-    const int len_k = st.k_begin[b + 1] - st.k_begin[b];
-    tk.key_row0 = st.k_begin[b];
-    tk.lo = (gb - st.block_begin[b]) * a.block_size;
-    tk.hi = min(tk.lo + a.block_size, len_k);
-    tk.rows = desc.z;
-    tk.entry0 = desc.y;
+    decode_past_tile(a, a.descs[index], tk);
     return true;
   } else {
     const int head = index % a.heads_q;
     const int tiles = a.tile_end - a.tile_begin;
     const int tile = a.tile_begin + (tiles - 1 - index / a.heads_q);
+    const SeqTable& st = a.seq;
     TileRows tr{};
     if (!locate_tile(st, tile, tr)) return false;
     const int b = tr.seq;
@@ -160,45 +138,13 @@ __device__ __forceinline__ bool decode_tile(const AttnArgs& a, int index, Sm90Ti
   }
 }
 
-__device__ __forceinline__ int first_stage_key(const Sm90Tile& tk) {
-  return tk.lo < tk.hi ? tk.lo : -1;
-}
-
-// The first key of the next stage after the one at t0 that some row needs,
-// or -1 (attention.cu's next_chunk with 128-key stages).
-template <AttnMode kMode>
-__device__ __forceinline__ int next_stage_key(const Sm90Tile& tk, int t0, int block_size) {
-  int t = t0 + kKeys;
-  if (t >= tk.hi) return -1;
-  if constexpr (kMode == AttnMode::current) {
-    const int p = max(tk.first_pos, t);  // the first row that still needs keys >= t
-    if (p > tk.last_pos) return -1;
-    t = max(t, (p / block_size) * block_size);
-  }
-  return t;
-}
-
-template <AttnMode kMode>
-__device__ __forceinline__ bool stage_needs_mask(const Sm90Tile& tk, int t0, int block_size) {
-  if constexpr (kMode == AttnMode::past) {
-    return t0 + kKeys > tk.hi;
-  } else if constexpr (kMode == AttnMode::current) {
-    return t0 < (tk.last_pos / block_size) * block_size || t0 + kKeys - 1 > tk.first_pos;
-  } else {
-    return t0 + kKeys - 1 > tk.first_pos;
-  }
-}
-
 // Element offset of the q vector of tile row r, or -1 for a padding row.
 template <AttnMode kMode>
-__device__ __forceinline__ int64_t q_row_offset(const AttnArgs& a, const Sm90Tile& tk, int r,
+__device__ __forceinline__ int64_t q_row_offset(const AttnArgs& a, const AttnTile& tk, int r,
                                                 int64_t chunk_row0) {
   if (r >= tk.rows) return -1;
   if constexpr (kMode == AttnMode::past) {
-    const int e = a.entries[tk.entry0 + r];
-    const int local = e / (a.heads_q * a.past);
-    const int head = (e / a.past) % a.heads_q;
-    return (chunk_row0 + local) * a.q_ts + static_cast<int64_t>(head) * a.q_hs;
+    return past_q_offset(a, a.entries[tk.entry0 + r], chunk_row0);
   } else {
     return (tk.row0 + r) * a.q_ts + static_cast<int64_t>(tk.head) * a.q_hs;
   }
@@ -234,7 +180,7 @@ __device__ void produce(const AttnArgs& a, const Sm90Shared& sh, int tiles, int6
   const T* v = static_cast<const T*>(a.v);
   uint32_t stage_count = 0, tile_count = 0;
   for (int index = blockIdx.x; index < tiles; index += gridDim.x) {
-    Sm90Tile tk;
+    AttnTile tk;
     if (!decode_tile<kMode>(a, index, tk)) continue;
     const int buf = static_cast<int>(tile_count & 1);
     mbar_wait(sh.bar(kBarQEmpty + buf), ((tile_count >> 1) & 1) ^ 1);
@@ -248,7 +194,8 @@ __device__ void produce(const AttnArgs& a, const Sm90Shared& sh, int tiles, int6
 
     const T* krows = k + static_cast<int64_t>(tk.kvh) * a.k_hs + tk.key_row0 * a.k_ts;
     const T* vrows = v + static_cast<int64_t>(tk.kvh) * a.v_hs + tk.key_row0 * a.v_ts;
-    for (int t0 = first_stage_key(tk); t0 >= 0; t0 = next_stage_key<kMode>(tk, t0, a.block_size)) {
+    for (int t0 = first_key_step(tk); t0 >= 0;
+         t0 = next_key_step<kMode, kKeys>(tk, t0, a.block_size)) {
       const int stage = static_cast<int>(stage_count % kStages);
       mbar_wait(sh.bar(kBarKVEmpty + stage), ((stage_count / kStages) & 1) ^ 1);
       load_stage<T, D>(sh.base + Sm90Smem<D>::kK + stage * Sm90Smem<D>::kKVBytes, krows, k, a.k_ts,
@@ -284,7 +231,7 @@ __device__ void consume(const AttnArgs& a, const Sm90Shared& sh, int tiles, int6
   const int tid = threadIdx.x - kWarpgroupThreads;
   const int warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, tq = lane & 3;
   const int row_base = wg * 64 + warp * 16;  // the warp's 16 rows: row_base + g (+ 8)
-  const float scale_log2 = a.scale * kLog2eSm90;
+  const float scale_log2 = a.scale * kAttnLog2e;
   const int bs = a.block_size;
   const int my_turn = 1 + wg, other_turn = 2 - wg;
   // Warpgroup 0 issues first. Every stage pairs one sync of each warpgroup
@@ -295,7 +242,7 @@ __device__ void consume(const AttnArgs& a, const Sm90Shared& sh, int tiles, int6
   uint32_t stage_count = 0, tile_count = 0;
 
   for (int index = blockIdx.x; index < tiles; index += gridDim.x) {
-    Sm90Tile tk;
+    AttnTile tk;
     if (!decode_tile<kMode>(a, index, tk)) continue;
     const int buf = static_cast<int>(tile_count & 1);
     mbar_wait(sh.bar(kBarQFull + buf), (tile_count >> 1) & 1);
@@ -315,7 +262,7 @@ __device__ void consume(const AttnArgs& a, const Sm90Shared& sh, int tiles, int6
     const uint64_t desc_q =
         make_desc(sh.base + buf * Sm90Smem<D>::kQBytes + wg * 64 * 128, 16, 1024);
 
-    for (int t0 = first_stage_key(tk); t0 >= 0; t0 = next_stage_key<kMode>(tk, t0, bs)) {
+    for (int t0 = first_key_step(tk); t0 >= 0; t0 = next_key_step<kMode, kKeys>(tk, t0, bs)) {
       const int stage = static_cast<int>(stage_count % kStages);
       const uint32_t parity = (stage_count / kStages) & 1;
       mbar_wait(sh.bar(kBarKFull + stage), parity);
@@ -341,7 +288,7 @@ __device__ void consume(const AttnArgs& a, const Sm90Shared& sh, int tiles, int6
         fence_operands(s);
 
         // s[4 nt + e]: row row_base + g + 8 (e >> 1), key t0 + 8 nt + 2 tq + (e & 1).
-        if (stage_needs_mask<kMode>(tk, t0, bs)) {
+        if (key_step_needs_mask<kMode, kKeys>(tk, t0, bs)) {
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -359,32 +306,13 @@ __device__ void consume(const AttnArgs& a, const Sm90Shared& sh, int tiles, int6
             }
         }
 
-        // Online softmax, exactly as in the mma.sync kernel.
+        // Online softmax, the mma.sync kernel's (attention_common.cuh).
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float mx = m[h];
-#pragma unroll
-          for (int nt = 0; nt < kNT; ++nt)
-            mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * h], s[4 * nt + 2 * h + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float ref = mx == -INFINITY ? 0.0f : mx * scale_log2;
-          const float alpha = fast_exp2(m[h] * scale_log2 - ref);
-          m[h] = mx;
-          float sum = 0.0f;
-#pragma unroll
-          for (int nt = 0; nt < kNT; ++nt) {
-            s[4 * nt + 2 * h] = fast_exp2(fmaf(s[4 * nt + 2 * h], scale_log2, -ref));
-            s[4 * nt + 2 * h + 1] = fast_exp2(fmaf(s[4 * nt + 2 * h + 1], scale_log2, -ref));
-            sum += s[4 * nt + 2 * h] + s[4 * nt + 2 * h + 1];
-          }
-          l[h] = l[h] * alpha + sum;
-#pragma unroll
-          for (int dt = 0; dt < kDT; ++dt) {
-            o[4 * dt + 2 * h] *= alpha;
-            o[4 * dt + 2 * h + 1] *= alpha;
-          }
-        }
+        for (int h = 0; h < 2; ++h)
+          online_softmax_row<kNT, kDT>(
+              m[h], l[h], scale_log2,
+              [&](int nt, int j) -> float& { return s[4 * nt + 2 * h + j]; },
+              [&](int dt, int j) -> float& { return o[4 * dt + 2 * h + j]; });
 
         // P in the input dtype as wgmma A fragments: the accumulator layout
         // of S is the A-fragment layout of m16n8k16 per warp, 16 keys per
@@ -425,64 +353,12 @@ __device__ void consume(const AttnArgs& a, const Sm90Shared& sh, int tiles, int6
     ++tile_count;
     if (!active) continue;
 
-      // Epilogue, row for row the mma.sync kernel's.
+      // Epilogue, the mma.sync kernel's (attention_common.cuh).
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = row_base + h * 8 + g;
-      float sum = l[h];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (r >= tk.rows) continue;
-      const float mref = m[h] * scale_log2;  // row max in base-2 units of the scaled scores
-      if constexpr (kMode == AttnMode::past) {
-        const int64_t e = a.entries[tk.entry0 + r];
-        const float inv = 1.0f / sum;
-        T* dst = static_cast<T*>(a.part_o) + e * D + 2 * tq;
-#pragma unroll
-        for (int dt = 0; dt < kDT; ++dt)
-          *reinterpret_cast<uint32_t*>(dst + dt * 8) =
-              pack2<T>(o[4 * dt + 2 * h] * inv, o[4 * dt + 2 * h + 1] * inv);
-        if (tq == 0) a.part_lse[e] = (mref + log2f(sum)) * kLn2Sm90;
-      } else {
-        const int64_t row = tk.row0 + r;
-        const int head = tk.head;
-        float top = mref, total = sum;
-        if constexpr (kMode == AttnMode::current) {
-          const int count = min(a.past, pos[h] / bs);
-          if (count > 0) {
-            const int64_t base = ((row - chunk_row0) * a.heads_q + head) * a.past;
-            for (int sl = 0; sl < count; ++sl) top = fmaxf(top, a.part_lse[base + sl] * kLog2eSm90);
-            const float f = fast_exp2(mref - top);
-            total *= f;
-#pragma unroll
-            for (int dt = 0; dt < kDT; ++dt) {
-              o[4 * dt + 2 * h] *= f;
-              o[4 * dt + 2 * h + 1] *= f;
-            }
-            for (int sl = 0; sl < count; ++sl) {
-              const float w = fast_exp2(a.part_lse[base + sl] * kLog2eSm90 - top);
-              total += w;
-              const T* src = static_cast<const T*>(a.part_o) + (base + sl) * D + 2 * tq;
-#pragma unroll
-              for (int dt = 0; dt < kDT; ++dt) {
-                const float2 x = unpack2<T>(*reinterpret_cast<const uint32_t*>(src + dt * 8));
-                o[4 * dt + 2 * h] = fmaf(w, x.x, o[4 * dt + 2 * h]);
-                o[4 * dt + 2 * h + 1] = fmaf(w, x.y, o[4 * dt + 2 * h + 1]);
-              }
-            }
-          }
-        }
-        const float inv = 1.0f / total;
-        T* dst =
-            static_cast<T*>(a.out) + row * a.o_ts + static_cast<int64_t>(head) * a.o_hs + 2 * tq;
-#pragma unroll
-        for (int dt = 0; dt < kDT; ++dt)
-          *reinterpret_cast<uint32_t*>(dst + dt * 8) =
-              pack2<T>(o[4 * dt + 2 * h] * inv, o[4 * dt + 2 * h + 1] * inv);
-        if (tq == 0 && a.lse != nullptr)
-          a.lse[head * a.lse_hs + row * a.lse_ts] = (top + log2f(total)) * kLn2Sm90;
-      }
-    }
+    for (int h = 0; h < 2; ++h)
+      store_row<T, D, kMode>(a, tk, row_base + h * 8 + g, pos[h], a.entries, tk.entry0, m[h], l[h],
+                             scale_log2, bs, chunk_row0, tq,
+                             [&](int dt, int j) -> float& { return o[4 * dt + 2 * h + j]; });
   }
   if (pingpong && wg == 0) named_barrier_sync(1);
 }

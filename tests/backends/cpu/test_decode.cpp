@@ -11,159 +11,41 @@
 #include <string>
 
 #include "moba/kv_cache.hpp"
+#include "support/kv_cache_testing.hpp"
 #include "support/testing.hpp"
 
 namespace moba::testing {
 namespace {
 
-struct Shape {
-  std::vector<int32_t> lens;  // final length of every sequence
-  int64_t heads_q = 4, heads_kv = 1, head_dim = 64, block_size = 8, top_k = 3;
-  DType dtype = DType::float32;
-  bool shared = false;
-  int64_t page_size = 0;  // 0: contiguous layout
+// The CPU backend's extra knob: its thread count.
+struct Shape : CacheShape {
   int threads = 2;
-  uint64_t seed = 1;
 };
 
-std::string describe(const Shape& s) {
-  std::string lens;
-  for (int32_t l : s.lens) lens += std::to_string(l) + ",";
-  return "lens=" + lens + " Hq=" + std::to_string(s.heads_q) +
-         " Hkv=" + std::to_string(s.heads_kv) + " D=" + std::to_string(s.head_dim) +
-         " B=" + std::to_string(s.block_size) + " K=" + std::to_string(s.top_k) + " " +
-         dtype_name(s.dtype) + (s.shared ? " shared" : "") +
-         " page=" + std::to_string(s.page_size) + " seed=" + std::to_string(s.seed);
-}
+// The cache of one test; appends go through the CPU backend.
+struct Fixture : CacheFixture<Shape> {
+  using CacheFixture::CacheFixture;
 
-int32_t* ints(Tensor& t) {
-  return static_cast<int32_t*>(t.data());
-}
-
-// The cache memory of one test and the full keys/values it will receive.
-struct Fixture {
-  Shape s;
-  std::mt19937_64 rng;
-  int64_t batch = 0, capacity = 0;
-  Tensor k_all, v_all;  // per sequence, packed: [sum of lens, Hkv, D]
-  std::vector<int64_t> start;
-  Tensor k, v, page_table, seqlens, sums;
-  KVCache cache;
-
-  explicit Fixture(const Shape& shape) : s(shape), rng(shape.seed) {
-    batch = static_cast<int64_t>(s.lens.size());
-    start.assign(1, 0);
-    for (int32_t l : s.lens) start.push_back(start.back() + l);
-    k_all = Tensor(s.dtype, {start.back(), s.heads_kv, s.head_dim});
-    v_all = Tensor(s.dtype, {start.back(), s.heads_kv, s.head_dim});
-    k_all.randn(rng);
-    v_all.randn(rng);
-    const int64_t longest = *std::max_element(s.lens.begin(), s.lens.end());
-    if (s.page_size == 0) {
-      capacity = longest + 5;  // spare room: capacity is not a length
-      k = Tensor(s.dtype, {batch, capacity, s.heads_kv, s.head_dim});
-      v = Tensor(s.dtype, {batch, capacity, s.heads_kv, s.head_dim});
-    } else {
-      // Pages of every sequence drawn from one shuffled pool with spare pages;
-      // entries past a sequence's final length stay -1 (never read).
-      const int64_t max_pages = (longest + s.page_size - 1) / s.page_size + 1;
-      capacity = max_pages * s.page_size;
-      int64_t needed = 0;
-      for (int32_t l : s.lens) needed += (l + s.page_size - 1) / s.page_size;
-      const int64_t pool = needed + 3;
-      std::vector<int32_t> order(static_cast<size_t>(pool));
-      std::iota(order.begin(), order.end(), 0);
-      std::shuffle(order.begin(), order.end(), rng);
-      page_table = Tensor(DType::int32, {batch, max_pages});
-      std::fill_n(ints(page_table), batch * max_pages, -1);
-      size_t next = 0;
-      for (int64_t b = 0; b < batch; ++b)
-        for (int64_t p = 0; p * s.page_size < s.lens[static_cast<size_t>(b)]; ++p)
-          ints(page_table)[b * max_pages + p] = order[next++];
-      k = Tensor(s.dtype, {pool, s.page_size, s.heads_kv, s.head_dim});
-      v = Tensor(s.dtype, {pool, s.page_size, s.heads_kv, s.head_dim});
-    }
-    k.poison();
-    v.poison();
-    seqlens = Tensor(DType::int32, {batch});
-    std::fill_n(ints(seqlens), batch, 0);
-    const int64_t max_blocks = (capacity + s.block_size - 1) / s.block_size;
-    sums = Tensor(DType::float32, {batch, max_blocks, s.heads_kv, s.head_dim});
-    sums.poison();  // append must initialize each block itself
-    cache.k = k.view();
-    cache.v = v.view();
-    if (s.page_size != 0) cache.page_table = page_table.view();
-    cache.seqlens = seqlens.view();
-    cache.block_sums = sums.view();
-    cache.block_size = s.block_size;
-  }
-
-  int64_t length(int64_t b) const { return static_cast<const int32_t*>(seqlens.data())[b]; }
-
-  Config config() const {
-    Config c;
-    c.block_size = s.block_size;
-    c.top_k = s.top_k;
-    c.gqa_shared_routing = s.shared;
-    return c;
-  }
   ExecOptions options() const {
     ExecOptions o;
     o.num_threads = s.threads;
     return o;
   }
 
-  // Appends the next `counts[b]` tokens of every sequence; returns cu_seqlens.
+  // Appends the next `counts[b]` tokens of every sequence.
   void append(const std::vector<int64_t>& counts) {
-    const int64_t row = s.heads_kv * s.head_dim;
-    int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});
-    Tensor kn(s.dtype, {total, s.heads_kv, s.head_dim}),
-        vn(s.dtype, {total, s.heads_kv, s.head_dim});
+    Tensor kn, vn;
+    next_rows(counts, kn, vn);
     Tensor cu(DType::int32, {batch + 1});
     ints(cu)[0] = 0;
     int64_t at = 0;
     for (int64_t b = 0; b < batch; ++b) {
-      const int64_t from = start[static_cast<size_t>(b)] + length(b);
-      for (int64_t i = 0; i < counts[static_cast<size_t>(b)] * row; ++i) {
-        kn.set(at * row + i, k_all.get(from * row + i));
-        vn.set(at * row + i, v_all.get(from * row + i));
-      }
       at += counts[static_cast<size_t>(b)];
       ints(cu)[b + 1] = static_cast<int32_t>(at);
     }
     kv_cache_append(cache, kn.view(), vn.view(), cu.view(), options());
   }
 };
-
-// Keys and values of every sequence's first seqlens[b] tokens, packed, with
-// cu_seqlens_k: the prefill path's view of the current cache.
-struct Prefix {
-  Tensor k, v, cu_k;
-  int64_t max_len = 0;
-};
-
-Prefix prefix_of(const Fixture& f) {
-  Prefix p;
-  const int64_t row = f.s.heads_kv * f.s.head_dim;
-  int64_t total = 0;
-  for (int64_t b = 0; b < f.batch; ++b) total += f.length(b);
-  p.k = Tensor(f.s.dtype, {total, f.s.heads_kv, f.s.head_dim});
-  p.v = Tensor(f.s.dtype, {total, f.s.heads_kv, f.s.head_dim});
-  p.cu_k = Tensor(DType::int32, {f.batch + 1});
-  ints(p.cu_k)[0] = 0;
-  int64_t at = 0;
-  for (int64_t b = 0; b < f.batch; ++b) {
-    const int64_t n = f.length(b), from = f.start[static_cast<size_t>(b)];
-    for (int64_t i = 0; i < n * row; ++i) {
-      p.k.set(at * row + i, f.k_all.get(from * row + i));
-      p.v.set(at * row + i, f.v_all.get(from * row + i));
-    }
-    at += n;
-    ints(p.cu_k)[b + 1] = static_cast<int32_t>(at);
-    p.max_len = std::max(p.max_len, n);
-  }
-  return p;
-}
 
 bool close(double actual, double expected, DType dtype) {
   const double rtol = dtype == DType::float32 ? 2e-5 : dtype == DType::float16 ? 2e-3 : 1.6e-2;
@@ -205,7 +87,7 @@ void check_decode(Fixture& f, const std::vector<int64_t>& len_q) {
   lse.poison();
   kv_cache_decode(f.cache, q.view(), cu_q.view(), f.config(), out.view(), lse.view(), f.options());
 
-  const Prefix p = prefix_of(f);
+  const CachePrefix p = f.prefix();
   Inputs in;
   in.q = q.view();
   in.k = p.k.view();
@@ -396,22 +278,6 @@ struct ErrorFixture {
     return s;
   }
 };
-
-template <class Fn>
-std::string error_of(Fn&& fn, Status expected = Status::invalid_argument) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.status(), expected) << e.what();
-    return e.what();
-  }
-  ADD_FAILURE() << "no error thrown";
-  return "";
-}
-
-void expect_contains(const std::string& message, const std::string& part) {
-  EXPECT_NE(message.find(part), std::string::npos) << message << "\n  lacks: " << part;
-}
 
 TEST(DecodeErrors, AppendValidation) {
   ErrorFixture e;

@@ -21,35 +21,15 @@
 #include "backends/cuda/cuda_testing.hpp"
 #include "core/dtype.hpp"
 #include "moba/kv_cache.hpp"
+#include "support/kv_cache_testing.hpp"
 
 namespace moba::testing {
 namespace {
 
-struct Shape {
-  std::vector<int32_t> lens;  // final length of every sequence
-  int64_t heads_q = 4, heads_kv = 1, head_dim = 64, block_size = 8, top_k = 3;
-  DType dtype = DType::float16;
-  bool shared = false;
-  int64_t page_size = 0;  // 0: contiguous layout
-  uint64_t seed = 1;
+// The CUDA tests' default dtype is float16 (the kernels take no float32).
+struct Shape : CacheShape {
+  Shape() { dtype = DType::float16; }
 };
-
-std::string describe(const Shape& s) {
-  std::string lens;
-  for (int32_t l : s.lens) lens += std::to_string(l) + ",";
-  return "lens=" + lens + " Hq=" + std::to_string(s.heads_q) +
-         " Hkv=" + std::to_string(s.heads_kv) + " D=" + std::to_string(s.head_dim) +
-         " B=" + std::to_string(s.block_size) + " K=" + std::to_string(s.top_k) + " " +
-         dtype_name(s.dtype) + (s.shared ? " shared" : "") +
-         " page=" + std::to_string(s.page_size) + " seed=" + std::to_string(s.seed);
-}
-
-int32_t* ints(Tensor& t) {
-  return static_cast<int32_t*>(t.data());
-}
-const int32_t* ints(const Tensor& t) {
-  return static_cast<const int32_t*>(t.data());
-}
 
 Tensor int_tensor(const std::vector<int32_t>& v) {
   Tensor t(DType::int32, {static_cast<int64_t>(v.size())});
@@ -70,55 +50,11 @@ Tensor fetch(const DeviceBuffer& b, DType dtype, std::vector<int64_t> shape) {
   return t;
 }
 
-// One cache on the host and on the device, fed the same appends.
-class Twin {
+// One cache on the host (`cache`) and on the device (`dev`), fed the same
+// appends.
+class Twin : public CacheFixture<Shape> {
  public:
-  explicit Twin(const Shape& shape) : s(shape), rng(shape.seed) {
-    batch = static_cast<int64_t>(s.lens.size());
-    start.assign(1, 0);
-    for (int32_t l : s.lens) start.push_back(start.back() + l);
-    k_all = Tensor(s.dtype, {start.back(), s.heads_kv, s.head_dim});
-    v_all = Tensor(s.dtype, {start.back(), s.heads_kv, s.head_dim});
-    k_all.randn(rng);
-    v_all.randn(rng);
-    const int64_t longest = *std::max_element(s.lens.begin(), s.lens.end());
-    if (s.page_size == 0) {
-      capacity = longest + 5;  // spare room: capacity is not a length
-      k = Tensor(s.dtype, {batch, capacity, s.heads_kv, s.head_dim});
-    } else {
-      // Pages of every sequence from one shuffled pool with spare pages;
-      // entries past a sequence's final length stay -1 (never read).
-      max_pages = (longest + s.page_size - 1) / s.page_size + 1;
-      capacity = max_pages * s.page_size;
-      int64_t needed = 0;
-      for (int32_t l : s.lens) needed += (l + s.page_size - 1) / s.page_size;
-      num_pages = needed + 3;
-      std::vector<int32_t> order(static_cast<size_t>(num_pages));
-      std::iota(order.begin(), order.end(), 0);
-      std::shuffle(order.begin(), order.end(), rng);
-      table = Tensor(DType::int32, {batch, max_pages});
-      std::fill_n(ints(table), batch * max_pages, -1);
-      size_t next = 0;
-      for (int64_t b = 0; b < batch; ++b)
-        for (int64_t p = 0; p * s.page_size < s.lens[static_cast<size_t>(b)]; ++p)
-          ints(table)[b * max_pages + p] = order[next++];
-      k = Tensor(s.dtype, {num_pages, s.page_size, s.heads_kv, s.head_dim});
-    }
-    v = Tensor(s.dtype, k.shape());
-    k.poison();
-    v.poison();
-    seqlens = Tensor(DType::int32, {batch});
-    std::fill_n(ints(seqlens), batch, 0);
-    max_blocks = (capacity + s.block_size - 1) / s.block_size;
-    sums = Tensor(DType::float32, {batch, max_blocks, s.heads_kv, s.head_dim});
-    sums.poison();  // append must initialize each block itself
-    host.k = k.view();
-    host.v = v.view();
-    if (s.page_size != 0) host.page_table = table.view();
-    host.seqlens = seqlens.view();
-    host.block_sums = sums.view();
-    host.block_size = s.block_size;
-
+  explicit Twin(const Shape& shape) : CacheFixture(shape) {
     dk = upload(k);
     dv = upload(v);
     dseqlens = upload(seqlens);
@@ -126,8 +62,8 @@ class Twin {
     dev.k = on_device(k.view(), dk.get());
     dev.v = on_device(v.view(), dv.get());
     if (s.page_size != 0) {
-      dtable = upload(table);
-      dev.page_table = on_device(table.view(), dtable.get());
+      dtable = upload(page_table);
+      dev.page_table = on_device(page_table.view(), dtable.get());
     }
     dev.seqlens = on_device(seqlens.view(), dseqlens.get());
     dev.block_sums = on_device(sums.view(), dsums.get());
@@ -138,15 +74,6 @@ class Twin {
   Twin(const Twin&) = delete;
   Twin& operator=(const Twin&) = delete;
 
-  int64_t length(int64_t b) const { return ints(seqlens)[b]; }
-
-  Config config() const {
-    Config c;
-    c.block_size = s.block_size;
-    c.top_k = s.top_k;
-    c.gqa_shared_routing = s.shared;
-    return c;
-  }
   ExecOptions cuda() const {
     ExecOptions o;
     o.backend = Backend::cuda;
@@ -157,24 +84,13 @@ class Twin {
 
   // Appends the next counts[b] tokens of every sequence to both caches.
   void append(const std::vector<int64_t>& counts) {
-    const int64_t row = s.heads_kv * s.head_dim;
-    const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});
-    Tensor kn(s.dtype, {total, s.heads_kv, s.head_dim}),
-        vn(s.dtype, {total, s.heads_kv, s.head_dim});
-    int64_t at = 0;
-    for (int64_t b = 0; b < batch; ++b) {
-      const int64_t from = start[static_cast<size_t>(b)] + length(b);
-      for (int64_t i = 0; i < counts[static_cast<size_t>(b)] * row; ++i) {
-        kn.set(at * row + i, k_all.get(from * row + i));
-        vn.set(at * row + i, v_all.get(from * row + i));
-      }
-      at += counts[static_cast<size_t>(b)];
-    }
+    Tensor kn, vn;
+    next_rows(counts, kn, vn);
     const Tensor cu = int_tensor(cu_of(counts));
     const DeviceBuffer dkn = upload(kn), dvn = upload(vn), dcu = upload(cu);
     kv_cache_append(dev, on_device(kn.view(), dkn.get()), on_device(vn.view(), dvn.get()),
                     on_device(cu.view(), dcu.get()), cuda());
-    kv_cache_append(host, kn.view(), vn.view(), cu.view());
+    kv_cache_append(cache, kn.view(), vn.view(), cu.view());
     sync();  // the new-row buffers are freed on return
   }
 
@@ -182,16 +98,11 @@ class Twin {
   int64_t row_offset(int64_t b, int64_t t) const {
     const int64_t row = s.heads_kv * s.head_dim;
     if (s.page_size == 0) return (b * capacity + t) * row;
-    return (ints(table)[b * max_pages + t / s.page_size] * s.page_size + t % s.page_size) * row;
+    return (ints(page_table)[b * max_pages + t / s.page_size] * s.page_size + t % s.page_size) *
+           row;
   }
 
-  Shape s;
-  std::mt19937_64 rng;
-  int64_t batch = 0, capacity = 0, max_pages = 0, num_pages = 0, max_blocks = 0;
-  Tensor k_all, v_all;
-  std::vector<int64_t> start;
-  Tensor k, v, table, seqlens, sums;
-  KVCache host, dev;
+  KVCache dev;
   DeviceBuffer dk, dv, dtable, dseqlens, dsums;
   cudaStream_t stream = nullptr;
 };
@@ -245,33 +156,6 @@ std::pair<double, double> gate_score(const Twin& f, const Tensor& q, int64_t tok
   return {score, mag};
 }
 
-// Keys and values of every sequence's cached tokens, packed, with cu_seqlens:
-// moba::forward's view of the cache.
-struct Prefix {
-  Tensor k, v, cu_k;
-};
-
-Prefix prefix_of(const Twin& f) {
-  Prefix p;
-  const int64_t row = f.s.heads_kv * f.s.head_dim;
-  std::vector<int64_t> lens;
-  for (int64_t b = 0; b < f.batch; ++b) lens.push_back(f.length(b));
-  const int64_t total = std::accumulate(lens.begin(), lens.end(), int64_t{0});
-  p.k = Tensor(f.s.dtype, {total, f.s.heads_kv, f.s.head_dim});
-  p.v = Tensor(f.s.dtype, {total, f.s.heads_kv, f.s.head_dim});
-  int64_t at = 0;
-  for (int64_t b = 0; b < f.batch; ++b) {
-    const int64_t from = f.start[static_cast<size_t>(b)];
-    for (int64_t i = 0; i < lens[static_cast<size_t>(b)] * row; ++i) {
-      p.k.set(at * row + i, f.k_all.get(from * row + i));
-      p.v.set(at * row + i, f.v_all.get(from * row + i));
-    }
-    at += lens[static_cast<size_t>(b)];
-  }
-  p.cu_k = int_tensor(cu_of(lens));
-  return p;
-}
-
 // Decodes len_q[b] new queries per sequence on the device and compares the
 // routing with the CPU cache's and the output with moba::forward (cpu).
 void check_decode(Twin& f, const std::vector<int64_t>& len_q) {
@@ -303,8 +187,8 @@ void check_decode(Twin& f, const std::vector<int64_t>& len_q) {
   download(dlse, lse);
   download(dsel, sel);
 
-  kv_cache_routing(f.host, q.view(), cu_q.view(), f.config(), ref_sel.view());
-  const Prefix p = prefix_of(f);
+  kv_cache_routing(f.cache, q.view(), cu_q.view(), f.config(), ref_sel.view());
+  const CachePrefix p = f.prefix();
   Inputs in;
   in.q = q.view();
   in.k = p.k.view();
@@ -688,14 +572,14 @@ TEST(CudaDecodeInvalid, OneBadSequencePoisonsOnlyItsRows) {
   ints(f.seqlens)[1] = 24;
   upload(f.seqlens, f.dseqlens);
   // A page-table entry outside the pool for sequence 0 (a cached page).
-  Tensor table = f.table;
+  Tensor table = f.page_table;
   ints(table)[2] = static_cast<int32_t>(f.num_pages + 5);
   upload(table, f.dtable);
   p = decode_raw(f, q, {0, 1, 3});
   EXPECT_TRUE(poisoned_row(f, p, 0));
   EXPECT_TRUE(finite_row(f, p, 1));
   EXPECT_TRUE(finite_row(f, p, 2));
-  upload(f.table, f.dtable);
+  upload(f.page_table, f.dtable);
 }
 
 TEST(CudaDecodeInvalid, RoutingWiderThanSelectedIsAllMinusOne) {
@@ -750,19 +634,19 @@ TEST(CudaDecodeInvalid, BadAppendWritesNothingForThatSequence) {
   EXPECT_EQ(ints(lens)[1], 6);
   // A page of sequence 0's new tokens outside the pool (entry 2 covers
   // tokens 8..11; sequence 0 holds 10): sequence 0 untouched.
-  Tensor table = f.table;
+  Tensor table = f.page_table;
   ints(table)[2] = -3;
   upload(table, f.dtable);
   lens = append_raw({0, 2, 4});
   EXPECT_EQ(ints(lens)[0], 10);
   EXPECT_EQ(ints(lens)[1], 8);
-  upload(f.table, f.dtable);
+  upload(f.page_table, f.dtable);
   // Sequence 0's K rows and block sums were never written by those calls.
   const Tensor k_after = fetch(f.dk, f.s.dtype, f.k.shape());
   const Tensor sums_after = fetch(f.dsums, DType::float32, f.sums.shape());
   const int64_t row = hkv * d;
   for (int64_t t = 0; t < f.capacity; ++t) {
-    if (t / f.s.page_size < f.max_pages && ints(f.table)[t / f.s.page_size] < 0) continue;
+    if (t / f.s.page_size < f.max_pages && ints(f.page_table)[t / f.s.page_size] < 0) continue;
     for (int64_t i = 0; i < row; ++i) {
       const int64_t at = f.row_offset(0, t) + i;
       ASSERT_EQ(std::isnan(k_after.get(at)), std::isnan(k_before.get(at))) << "token " << t;
@@ -781,22 +665,6 @@ TEST(CudaDecodeInvalid, BadAppendWritesNothingForThatSequence) {
 }
 
 // ---- host-side refusals ----
-
-template <class Fn>
-std::string error_of(Fn&& fn, Status expected) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    EXPECT_EQ(e.status(), expected) << e.what();
-    return e.what();
-  }
-  ADD_FAILURE() << "no error thrown";
-  return "";
-}
-
-void expect_contains(const std::string& message, const std::string& part) {
-  EXPECT_NE(message.find(part), std::string::npos) << message << "\n  lacks: " << part;
-}
 
 TEST(CudaDecodeErrors, HostCheckableArgumentsAreRefused) {
   SKIP_WITHOUT_GPU();
@@ -821,7 +689,7 @@ TEST(CudaDecodeErrors, HostCheckableArgumentsAreRefused) {
   // A host cache with the cuda backend.
   expect_contains(error_of(
                       [&] {
-                        kv_cache_decode(f.host, q.view(), cu.view(), f.config(), out.view(), {},
+                        kv_cache_decode(f.cache, q.view(), cu.view(), f.config(), out.view(), {},
                                         f.cuda());
                       },
                       Status::invalid_argument),
