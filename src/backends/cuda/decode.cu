@@ -51,7 +51,8 @@ constexpr int kValidateThreads = 512;  // decode validation: page-table scan of 
 constexpr int kRouteThreads = 512;     // route: 16 warps score blocks kRouteBatch at a time
 constexpr int kRouteBatch = 8;         // block sums in flight per routing warp
 constexpr int kWaves = 4;              // attention CTAs per resident slot, at least (tail <= 1/4)
-constexpr int kKeyLoads = 4;           // 16-byte K and V loads in flight per lane and step
+constexpr int kKeyLoads = 4;           // 16-byte K and V vectors per lane and step
+constexpr int kStages = 3;             // attend: key steps in the cp.async ring (2 in flight)
 constexpr int kSmemScores = 8192;   // routing scores kept in shared memory up to this many blocks
 constexpr int kDenseUnits = 64;     // key ranges per sequence when top_k covers every block
 constexpr int64_t kMinChunk = 128;  // keys per split-K chunk, at least
@@ -78,6 +79,13 @@ struct CacheArgs {
     if (table == nullptr)  // contiguous: one page of `capacity` rows per sequence
       return seq * page_stride + static_cast<int64_t>(token) * row_stride;
     return page_of(seq, token) * page_stride + static_cast<int64_t>(token % page_size) * row_stride;
+  }
+  // row() split in two, so the page-table load can be issued a step ahead:
+  // `page` is page_of(seq, token).
+  __device__ int64_t row_in_page(int64_t page, int64_t page_stride, int64_t row_stride,
+                                 int token) const {
+    const int64_t in_page = table != nullptr ? token % page_size : token;
+    return page * page_stride + in_page * row_stride;
   }
   __device__ float* sum(int seq, int block, int head) const {
     return sums + seq * sums_ss + block * sums_bs + head * sums_hs;
@@ -626,6 +634,23 @@ __device__ void merge_row(const AttendArgs& a, int t, int head, int count, float
   __syncthreads();  // scratch is reused by the next row
 }
 
+// Waits until at most N of this thread's cp.async groups are pending.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Dynamic shared memory of attend_kernel: the cp.async ring of kStages key
+// steps (per thread, per step: kKeyLoads K and kKeyLoads V vectors of 16
+// bytes), which the end-of-pass stream merge reuses for its accumulators.
+template <int D, int ROWS>
+__host__ __device__ constexpr int attend_smem_bytes() {
+  constexpr int streams = (kThreads / 32) * (32 / (D / 8));
+  constexpr int ring = kStages * kKeyLoads * 2 * kThreads * 16;
+  constexpr int acc = streams * ROWS * D * 4;
+  return ring > acc ? ring : acc;
+}
+
 // One CTA per work item x key chunk: keys [k0, k1) of one unit of one
 // (sequence, kv head), read once with 16-byte loads for every query row of
 // the kv group that needs them (in passes of ROWS rows), online softmax per
@@ -636,6 +661,13 @@ __device__ void merge_row(const AttendArgs& a, int t, int head, int count, float
 // shared memory and written as the row's partial slot. The CTA that writes
 // a row's last partial (a per-row counter) then merges the row into out /
 // lse (split-K without a separate merge launch).
+//
+// The keys are software-pipelined: each thread copies its own K/V vectors
+// with cp.async into a private kStages-deep ring in shared memory (no other
+// thread reads them, so cp.async.wait_group orders them without a barrier),
+// two steps ahead of the step it computes, and looks the page table up one
+// step ahead of that. So 2 x 16 KB per CTA stay in flight while it computes,
+// instead of 16 KB in flight followed by compute with the memory idle.
 template <class T, int D, int ROWS>
 __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendArgs a) {
   constexpr int kLanesPerKey = D / 8;
@@ -644,11 +676,18 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendArgs a) {
   constexpr int kStep = kSlots * kKeyLoads;               // keys per CTA step
   __shared__ float q_s[ROWS][D];
   __shared__ float m_s[kSlots][ROWS], l_s[kSlots][ROWS];
-  __shared__ float acc_s[kSlots][ROWS][D];
   __shared__ RowInfo rows_s[kThreads];
   __shared__ int warp_counts[kThreads / 32];
   __shared__ int last_s[ROWS];  // slots of the pass's rows this CTA merges (0: not last)
-  static_assert(sizeof(acc_s) >= (2 * kMergeWarps + kMergeWarps * D) * sizeof(float),
+  // attend_smem_bytes<D, ROWS>(): the key ring during the key loop, then the
+  // streams' accumulators acc_s[kSlots][ROWS][D], then the merge scratch.
+  extern __shared__ uint4 attend_smem[];
+  uint4* const ring = attend_smem;  // [kStages][kKeyLoads][K, V][kThreads]
+  float(*const acc_s)[ROWS][D] = reinterpret_cast<float(*)[ROWS][D]>(attend_smem);
+  static_assert(kSlots * ROWS * D * 4 <= attend_smem_bytes<D, ROWS>() &&
+                    kStages * kKeyLoads * 2 * kThreads * 16 <= attend_smem_bytes<D, ROWS>(),
+                "ring and accumulators fit the dynamic shared memory");
+  static_assert(kSlots * ROWS * D >= 2 * kMergeWarps + kMergeWarps * D,
                 "merge scratch reuses acc_s");
 
   const Geometry& g = a.g;
@@ -734,21 +773,62 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendArgs a) {
 #pragma unroll
         for (int x = 0; x < 8; ++x) acc[i][x] = 0.0f;
       }
-      for (int base = k0 + warp * kKeysPerWarp * kKeyLoads; base < kend; base += kStep) {
+      // This warp's steps start at first, first + kStep, ... (< kend).
+      const int first = k0 + warp * kKeysPerWarp * kKeyLoads;
+      // Page-table entries of a step's keys (unused for keys >= kend).
+      auto lookup = [&](int base, int64_t(&page)[kKeyLoads]) {
+#pragma unroll
+        for (int u = 0; u < kKeyLoads; ++u) {
+          const int key = base + u * kKeysPerWarp + sub;
+          page[u] = key < kend ? a.c.page_of(b, key) : 0;
+        }
+      };
+      // Copies a step's K/V vectors of this thread into ring stage `stage`
+      // (keys >= kend are skipped; the compute reads zeros for them) and
+      // commits them as one group (possibly empty, so group i is step i).
+      auto issue = [&](int stage, int base, const int64_t(&page)[kKeyLoads]) {
+#pragma unroll
+        for (int u = 0; u < kKeyLoads; ++u) {
+          const int key = base + u * kKeysPerWarp + sub;
+          if (key < kend) {
+            uint4* slot = ring + (stage * kKeyLoads + u) * 2 * kThreads + threadIdx.x;
+            detail::cp_async16(detail::smem_u32(slot),
+                               kbase + a.c.row_in_page(page[u], a.c.k_ps, a.c.k_rs, key), true);
+            detail::cp_async16(detail::smem_u32(slot + kThreads),
+                               vbase + a.c.row_in_page(page[u], a.c.v_ps, a.c.v_rs, key), true);
+          }
+        }
+        detail::cp_async_commit();
+      };
+      static_assert(kStages == 3, "the prologue below fills kStages - 1 = 2 steps");
+      int64_t page[kKeyLoads], page_next[kKeyLoads];
+      lookup(first, page);
+      lookup(first + kStep, page_next);
+      issue(0, first, page);
+      issue(1, first + kStep, page_next);
+      lookup(first + 2 * kStep, page);  // issued in the first iteration
+      int stage = 0;
+      for (int base = first; base < kend; base += kStep) {
+        // Groups of steps up to this one's + 1 are committed: this one's is
+        // done when at most 1 is pending. The stage refilled next is the one
+        // computed in the previous iteration (its values already consumed).
+        cp_async_wait<kStages - 2>();
+        issue(stage == 0 ? kStages - 1 : stage - 1, base + 2 * kStep, page);
+        lookup(base + 3 * kStep, page);  // in flight during this step's compute
         uint4 kr[kKeyLoads], vr[kKeyLoads];
         int key[kKeyLoads];
 #pragma unroll
         for (int u = 0; u < kKeyLoads; ++u) {
           key[u] = base + u * kKeysPerWarp + sub;
           if (key[u] < kend) {
-            kr[u] = __ldg(
-                reinterpret_cast<const uint4*>(kbase + a.c.row(a.c.k_ps, a.c.k_rs, b, key[u])));
-            vr[u] = __ldg(
-                reinterpret_cast<const uint4*>(vbase + a.c.row(a.c.v_ps, a.c.v_rs, b, key[u])));
+            const uint4* slot = ring + (stage * kKeyLoads + u) * 2 * kThreads + threadIdx.x;
+            kr[u] = slot[0];
+            vr[u] = slot[kThreads];
           } else {
             kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
           }
         }
+        stage = stage == kStages - 1 ? 0 : stage + 1;
         float kf[kKeyLoads][8], vf[kKeyLoads][8];
 #pragma unroll
         for (int u = 0; u < kKeyLoads; ++u) {
@@ -796,6 +876,9 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendArgs a) {
         }
       }
       // Merge the CTA's key streams per row; write the normalized partial.
+      // acc_s overlays the ring, which other threads may still be reading.
+      detail::cp_async_wait_all();
+      __syncthreads();
 #pragma unroll
       for (int i = 0; i < ROWS; ++i) {
         if (i >= n) break;
@@ -1191,18 +1274,25 @@ void kv_decode(const core::Cache& c, const core::Decode& d, const core::Rows& ou
   const bool wide = d.group > 4 || d.total_q > c.batch;
   using Kernel = void (*)(AttendArgs);
   Kernel kernel = nullptr;
+  int smem = 0;
   by_dtype_and_dim(c.dtype, c.head_dim, [&](auto elem, auto dim) {
     using T = decltype(elem);
     constexpr int D = decltype(dim)::value;
     kernel = wide ? attend_kernel<T, D, 8> : attend_kernel<T, D, 4>;
+    smem = wide ? attend_smem_bytes<D, 8>() : attend_smem_bytes<D, 4>();
   });
+  // Static + dynamic shared memory exceeds the default 48 KB: opt in (not a
+  // stream operation, so allowed during graph capture).
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+        "cudaFuncSetAttribute (decode attention shared memory)");
 
   // Split-K: enough CTAs for kWaves of the resident CTA slots (so the last,
   // partial wave costs at most ~1/kWaves), chunks of at least kMinChunk keys.
   // Items: the work-list bound (routed; exact for a decode step with shared
   // routing) or every unit (dense).
   int resident = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, 0),
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads,
+                                                      static_cast<size_t>(smem)),
         "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   const int64_t target =
       int64_t{kWaves} * host::multiprocessors(c.device.index) * std::max(resident, 1);
@@ -1262,7 +1352,7 @@ void kv_decode(const core::Cache& c, const core::Decode& d, const core::Rows& ou
   for (int64_t t0 = 0; t0 < d.total_q; t0 += range) {
     at.t_begin = static_cast<int>(t0);
     at.t_end = static_cast<int>(std::min(d.total_q, t0 + range));
-    kernel<<<grid, kThreads, 0, call.stream>>>(at);
+    kernel<<<grid, kThreads, static_cast<size_t>(smem), call.stream>>>(at);
     check(cudaGetLastError(), "launch of the decode attention kernel");
   }
 }
