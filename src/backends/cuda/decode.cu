@@ -972,15 +972,11 @@ using core::fail;
 using host::check;
 using host::check_device_pointer;
 using host::DeviceGuard;
+using host::env_bytes;
 using host::Workspace;
 
 int64_t decode_budget() {
-  if (const char* env = std::getenv("MOBA_CUDA_DECODE_BYTES")) {
-    char* end = nullptr;
-    const long long v = std::strtoll(env, &end, 10);
-    if (end != env && v > 0) return v;
-  }
-  return kDefaultDecodeBytes;
+  return env_bytes("MOBA_CUDA_DECODE_BYTES", kDefaultDecodeBytes);
 }
 
 void check_aligned(const void* data, std::initializer_list<int64_t> strides, int64_t elems,

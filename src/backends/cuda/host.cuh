@@ -281,13 +281,19 @@ inline AttnArgs attn_args(const core::Problem& p, const core::Rows& out, const c
   return a;
 }
 
-inline int64_t partial_budget() {
-  if (const char* env = std::getenv("MOBA_CUDA_PARTIAL_BYTES")) {
+// A byte budget from the environment variable `name` when it holds a positive
+// integer, else `fallback`.
+inline int64_t env_bytes(const char* name, int64_t fallback) {
+  if (const char* env = std::getenv(name)) {
     char* end = nullptr;
     const long long v = std::strtoll(env, &end, 10);
     if (end != env && v > 0) return v;
   }
-  return kDefaultPartialBytes;
+  return fallback;
+}
+
+inline int64_t partial_budget() {
+  return env_bytes("MOBA_CUDA_PARTIAL_BYTES", kDefaultPartialBytes);
 }
 
 // The per-chunk buffers of a routed call (forward or backward), reserved in
