@@ -239,6 +239,9 @@ CONFIGS = {
     # name: (batch, heads_q, heads_kv, D, block, top_k)
     "P": (1, 32, 8, 128, 4096, 12),
     "S": (2, 16, 16, 128, 128, 8),
+    # One tensor-parallel shard (4-way) of config P's layer: issue 4's memory
+    # check runs it at 10M tokens (the dense peers are skipped there).
+    "P_shard": (1, 8, 2, 128, 4096, 12),
 }
 
 
@@ -599,6 +602,11 @@ def main() -> None:
     ap.add_argument("--s-tokens", default="8192,32768,131072,524288")
     ap.add_argument("--dense-tokens", default="32768,131072")
     ap.add_argument(
+        "--shard-tokens",
+        default="10485760",
+        help="tokens for config P_shard (8 q / 2 kv heads); run when --configs names P_shard",
+    )
+    ap.add_argument(
         "--profile",
         default="",
         help="CONFIG:TOKENS[,...]: per-kernel times of one MoBA call (torch.profiler)",
@@ -659,6 +667,9 @@ def main() -> None:
     if "S" in configs:
         for n in map(int, args.s_tokens.split(",")):
             run_case(moba, "S", n, args.peer_max_tokens, records, meta)
+    if "P_shard" in configs:
+        for n in map(int, args.shard_tokens.split(",")):
+            run_case(moba, "P_shard", n, args.peer_max_tokens, records, meta)
     if "dense_switch" in configs:
         for n in map(int, args.dense_tokens.split(",")):
             dense_top_k = (n + 4095) // 4096
