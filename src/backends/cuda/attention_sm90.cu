@@ -7,24 +7,27 @@
 //   warpgroup 0, the producer (40 registers per thread after setmaxnreg):
 //     copies each tile's 128 query rows (gathered through the entry lists in
 //     past mode) and then its keys and values, 128 keys per stage, with
-//     cp.async into 128-byte-swizzled shared memory. Q is double-buffered
-//     across tiles, K/V run through kStages stages. Each copy batch completes
-//     an mbarrier by itself (cp.async.mbarrier.arrive.noinc).
+//     cp.async into 128-byte-swizzled shared memory. K/V run through a ring
+//     of kStages stages (3 by default: one Q buffer at D 128; 2 with two Q
+//     buffers, MOBA_CUDA_SM90_STAGES=2). Each copy batch completes an
+//     mbarrier by itself (cp.async.mbarrier.arrive.noinc).
 //   warpgroups 1 and 2, the consumers (232 registers): 64 query rows each.
-//     Per stage: S = Q K^T (wgmma, both operands in shared memory), mask,
-//     online softmax in registers (fp32, base 2), P rounded to the input
-//     dtype and kept in registers as the A operand of O += P V (wgmma, V read
-//     "transposed" from the same row-major tile), then the stage is handed
-//     back to the producer. The epilogue is the mma.sync kernel's, row for
-//     row: partials + lse (past), LSE merge + out/lse (current), out/lse
-//     (dense).
+//     Per stage: S = Q K^T (wgmma, both operands in shared memory), K handed
+//     back, mask, online softmax in registers (fp32, base 2), P rounded to the
+//     input dtype and kept in registers as the A operand of O += P V (wgmma, V
+//     read "transposed" from the same row-major tile), V handed back. The
+//     epilogue is the mma.sync kernel's, row for row: partials + lse (past),
+//     LSE merge + out/lse (current), out/lse (dense).
 //
 // Why cp.async rather than TMA for K/V: keys past the tile's range are
 // zero-filled exactly as in the mma.sync kernel (a tensor map could only
 // bound the copy at the end of the tensor), no tensor maps have to be encoded
 // on the host through the driver API per launch, and the gathered Q rows need
-// per-row copies anyway. The producer warpgroup has nothing else to do, so
-// the extra issue work is off the consumers' path.
+// per-row copies anyway. The producer's copies share the SM's schedulers with
+// the consumers, so they are kept cheap: per-thread offsets computed once per
+// tile, swizzled destinations as immediates, no predicates on whole stages
+// (about 65 SASS instructions per K or V stage and producer warp, down from
+// ~205).
 //
 // The device code exists only in the sm_90a pass (__CUDA_ARCH_FEAT_SM90_ALL);
 // in every other pass the kernel body is empty and launch_attention never
@@ -52,40 +55,55 @@ namespace moba::backends::cuda::detail {
 namespace {
 
 constexpr int kKeys = 128;  // keys per pipeline stage (N of S = Q K^T, K of O += P V)
-constexpr int kStages = 2;
+static_assert(kKeys == kTileRows, "Q tiles and K/V stages share the copy geometry");
 constexpr int kWarpgroupThreads = 128;
-constexpr int kSm90Threads = 3 * kWarpgroupThreads;  // producer + 2 consumers
-// Barriers in static shared memory (its presence marks the sm_90a body):
-// Q full and empty per Q buffer, K full, V full and K/V empty per stage.
-constexpr int kNumBars = 4 + 3 * kStages;
+constexpr int kConsumerThreads = 2 * kWarpgroupThreads;
+constexpr int kSm90Threads = kWarpgroupThreads + kConsumerThreads;  // producer + 2 consumers
+// Static shared memory for the barriers (its presence marks the sm_90a
+// body): sized for the deepest pipeline, the same in every instantiation.
+constexpr int kMaxBars = 16;
+// The largest dynamic shared memory a CTA may have on sm_90 (227 KB), less
+// the static barriers (rounded up to the 1024-byte alignment of the dynamic
+// array).
+constexpr int kSmemBudget = 227 * 1024 - 1024;
 
-// Dynamic shared memory: two Q buffers, then K and V stages; every tile is
-// a multiple of 1024 bytes, so with a 1024-aligned base every tile is
-// aligned as the 128-byte swizzle requires.
-template <int D>
+// Dynamic shared memory: kQBufs Q buffers, then kStages K stages and kStages
+// V stages; every tile is a multiple of 1024 bytes, so with a 1024-aligned
+// base every tile is aligned as the 128-byte swizzle requires. Two Q buffers
+// (the next tile's Q lands while the current tile runs) where they fit next
+// to the stages, else one (D 128 with 3 stages: 32 KB + 3 x 64 KB).
+template <int D, int kStages>
 struct Sm90Smem {
   static constexpr int kQBytes = kTileRows * D * 2;
   static constexpr int kKVBytes = kKeys * D * 2;
-  static constexpr int kK = 2 * kQBytes;
+  static constexpr int kQBufs = 2 * kQBytes + 2 * kStages * kKVBytes + 1024 <= kSmemBudget ? 2 : 1;
+  static constexpr int kK = kQBufs * kQBytes;
   static constexpr int kV = kK + kStages * kKVBytes;
   static constexpr int kBytes = kV + kStages * kKVBytes;
   static constexpr int kAlloc = kBytes + 1024;  // slack to align the base
-  static_assert(kAlloc <= 227 * 1024, "shared memory beyond the sm_90 limit");
+  static_assert(kAlloc <= kSmemBudget, "shared memory beyond the sm_90 limit");
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
+// The shared-memory layout and the barrier indices: Q full / empty per Q
+// buffer, K full, V full, K empty, V empty per stage.
+template <int D, int kStages>
+struct Sm90Layout : Sm90Smem<D, kStages> {
+  using Smem = Sm90Smem<D, kStages>;
+  static constexpr int kBarQFull = 0;
+  static constexpr int kBarQEmpty = Smem::kQBufs;
+  static constexpr int kBarKFull = 2 * Smem::kQBufs;
+  static constexpr int kBarVFull = kBarKFull + kStages;
+  static constexpr int kBarKEmpty = kBarVFull + kStages;
+  static constexpr int kBarVEmpty = kBarKEmpty + kStages;
+  static constexpr int kNumBars = kBarVEmpty + kStages;
+  static_assert(kNumBars <= kMaxBars);
+};
+
 // 128 x 40 + 256 x 232 = 64,512 <= 65,536 registers of the SM.
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
-
-// Barrier indices.
-constexpr int kBarQFull = 0;                      // [2] Q buffer landed (128 cp.async arrivals)
-constexpr int kBarQEmpty = 2;                     // [2] Q buffer free again (8 consumer warps)
-constexpr int kBarKFull = 4;                      // [kStages] K stage landed
-constexpr int kBarVFull = kBarKFull + kStages;    // [kStages] V stage landed
-constexpr int kBarKVEmpty = kBarVFull + kStages;  // [kStages] stage free again (8 warps)
-static_assert(kBarKVEmpty + kStages == kNumBars);
 
 struct Sm90Shared {
   uint32_t base;  // 1024-aligned shared address of the tiles
@@ -93,13 +111,62 @@ struct Sm90Shared {
   __device__ uint32_t bar(int i) const { return bars + 8 * i; }
 };
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of kRows rows
-// stored as column blocks of 64 elements (128 bytes per row), 128-byte
-// swizzle: the layout the wgmma descriptors of sm90_ptx.cuh describe.
-template <int kRows>
-__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
-  return static_cast<uint32_t>((chunk >> 3) * (kRows * 128) + row * 128 +
-                               (((chunk & 7) ^ (row & 7)) << 4));
+// The producer's copy geometry, the same for Q tiles and K/V stages (128
+// rows of D elements, stored as column blocks of 64 elements with rows of 128
+// bytes, 16-byte chunk c of row r at c ^ (r % 8): the 128-byte swizzle that
+// the wgmma descriptors of sm90_ptx.cuh describe). Lane l of producer warp w
+// copies chunk l % 8 of each column block of rows r0 + 16 i (i < 8),
+// r0 = 4 w + l / 8: a warp instruction reads four whole 128-byte row
+// segments. All of a thread's rows have the same r % 8, so its destination
+// for (i, block) is one per-thread offset plus a constant (an immediate in
+// the SASS), and its source advances by 16 rows per i.
+constexpr int kCopyRowStep = 16;
+constexpr int kCopyRows = kKeys / kCopyRowStep;  // rows per thread
+constexpr uint32_t kCopyRowGroupBytes = kCopyRowStep * 128;
+constexpr uint32_t kColumnBlockBytes = kKeys * 128;
+
+struct CopyLane {
+  int row0;      // first row
+  int chunk;     // 16-byte chunk within a 64-column block
+  uint32_t dst;  // swizzled byte offset of (row0, chunk) in a tile
+  __device__ explicit CopyLane(int tid) {
+    const int lane = tid & 31, warp = tid >> 5;
+    row0 = 4 * warp + (lane >> 3);
+    chunk = lane & 7;
+    dst = static_cast<uint32_t>(row0 * 128 + ((chunk ^ (row0 & 7)) << 4));
+  }
+};
+
+// A thread's chunks of kCopyRows rows, all in range: src points at chunk
+// `chunk` of the thread's first row, row_step is 16 rows in elements.
+template <class T, int D>
+__device__ __forceinline__ void copy_rows_full(uint32_t dst, const T* src, int64_t row_step) {
+  using namespace sm90;  // NOLINT(google-build-using-namespace)
+#pragma unroll
+  for (int i = 0; i < kCopyRows; ++i) {
+#pragma unroll
+    for (int b = 0; b < D / 64; ++b)
+      cp_async16_full(dst + i * kCopyRowGroupBytes + b * kColumnBlockBytes, src + b * 64);
+    src += row_step;
+  }
+}
+
+// The same for a tile whose rows at or past `valid` (counted from the tile's
+// row 0; row0 is the thread's first row) are zero-filled: nothing is read for
+// them (`fallback` is any valid address), so keys past the tile's range
+// contribute exact zeros, as in the mma.sync kernel.
+template <class T, int D>
+__device__ __forceinline__ void copy_rows_partial(uint32_t dst, const T* src, int64_t row_step,
+                                                  int row0, int valid, const T* fallback) {
+#pragma unroll
+  for (int i = 0; i < kCopyRows; ++i) {
+    const bool in = row0 + i * kCopyRowStep < valid;
+#pragma unroll
+    for (int b = 0; b < D / 64; ++b)
+      cp_async16(dst + i * kCopyRowGroupBytes + b * kColumnBlockBytes, in ? src + b * 64 : fallback,
+                 in);
+    src += row_step;
+  }
 }
 
 // Tile `index` of the launch: a descriptor (past) or a (row tile, query
@@ -138,100 +205,249 @@ __device__ __forceinline__ bool decode_tile(const AttnArgs& a, int index, AttnTi
   }
 }
 
-// Element offset of the q vector of tile row r, or -1 for a padding row.
-template <AttnMode kMode>
-__device__ __forceinline__ int64_t q_row_offset(const AttnArgs& a, const AttnTile& tk, int r,
-                                                int64_t chunk_row0) {
-  if (r >= tk.rows) return -1;
-  if constexpr (kMode == AttnMode::past) {
-    return past_q_offset(a, a.entries[tk.entry0 + r], chunk_row0);
-  } else {
-    return (tk.row0 + r) * a.q_ts + static_cast<int64_t>(tk.head) * a.q_hs;
-  }
-}
-
-// kKeys rows of K or V from key t0 on into a stage; rows at or past `hi`
-// are zero-filled. Thread tid copies chunk tid % (D/8) of every
-// (128 / (D/8))-th row, so a warp reads whole 256-byte (or 128-byte) rows.
-template <class T, int D>
-__device__ __forceinline__ void load_stage(uint32_t dst, const T* rows, const T* any,
-                                           int64_t token_stride, int t0, int hi, int tid) {
-  constexpr int kChunks = D / 8;
-  constexpr int kRowStep = kWarpgroupThreads / kChunks;
-  const int c = tid % kChunks;
-#pragma unroll
-  for (int r = tid / kChunks; r < kKeys; r += kRowStep) {
-    const int t = t0 + r;
-    const bool full = t < hi;
-    const T* src = full ? rows + static_cast<int64_t>(t) * token_stride + c * 8 : any;
-    cp_async16(dst + swizzled<kKeys>(r, c), src, full);
-  }
-}
-
+// The tile's 128 query rows into a Q buffer; padding rows are zero-filled.
+// Past mode gathers them through the entry list: lane l of warp w decodes
+// row 4 w + l % 4 + 16 (l / 4) (the rows its warp copies, one each) and the
+// warp passes the offsets around by shuffles, so each row costs one entry
+// load and its two divisions once instead of once per chunk-copying thread.
 template <class T, int D, AttnMode kMode>
+__device__ __forceinline__ void load_q_tile(const AttnArgs& a, const AttnTile& tk, uint32_t dst,
+                                            const CopyLane& cl, int64_t chunk_row0) {
+  const T* q = static_cast<const T*>(a.q);
+  if constexpr (kMode == AttnMode::past) {
+    const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+    const int my_row = 4 * warp + (lane & 3) + kCopyRowStep * (lane >> 2);
+    const int64_t my_off =
+        my_row < tk.rows ? past_q_offset(a, a.entries[tk.entry0 + my_row], chunk_row0) : -1;
+#pragma unroll
+    for (int i = 0; i < kCopyRows; ++i) {
+      const int64_t off = __shfl_sync(0xffffffffu, my_off, 4 * i + (lane >> 3));
+      const bool in = off >= 0;
+      const T* src = q + off + cl.chunk * 8;
+#pragma unroll
+      for (int b = 0; b < D / 64; ++b)
+        cp_async16(dst + i * kCopyRowGroupBytes + b * kColumnBlockBytes, in ? src + b * 64 : q, in);
+    }
+  } else {
+    const T* src =
+        q + (tk.row0 + cl.row0) * a.q_ts + static_cast<int64_t>(tk.head) * a.q_hs + cl.chunk * 8;
+    const int64_t row_step = kCopyRowStep * a.q_ts;
+    if (tk.rows == kTileRows)
+      copy_rows_full<T, D>(dst, src, row_step);
+    else
+      copy_rows_partial<T, D>(dst, src, row_step, cl.row0, tk.rows, q);
+  }
+}
+
+// The producer warpgroup: per tile the Q rows, then K and V in stages of
+// kKeys keys through a ring of kStages stages. K and V of a stage have their
+// own full and empty barriers: the consumers give K back right after
+// S = Q K^T and V after O += P V, so the next K load starts half a stage
+// earlier. With a single Q buffer the tile's first K/V stage is issued before
+// its Q (that stage's slot frees before the previous tile's Q does), so at a
+// tile boundary only Q's latency is exposed, not Q's and the first stage's.
+template <class T, int D, AttnMode kMode, int kStages>
 __device__ void produce(const AttnArgs& a, const Sm90Shared& sh, int tiles, int64_t chunk_row0) {
   using namespace sm90;  // NOLINT(google-build-using-namespace)
-  constexpr int kChunks = D / 8;
-  constexpr int kRowStep = kWarpgroupThreads / kChunks;
-  const int tid = threadIdx.x;  // 0..127
-  const int c = tid % kChunks;
-  const T* q = static_cast<const T*>(a.q);
+  using L = Sm90Layout<D, kStages>;
+  const CopyLane cl(static_cast<int>(threadIdx.x));
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
-  uint32_t stage_count = 0, tile_count = 0;
+  const int64_t k_ts = a.k_ts, v_ts = a.v_ts;
+  const int64_t k_step = kCopyRowStep * k_ts, v_step = kCopyRowStep * v_ts;
+  const uint32_t dst_k = sh.base + L::kK + cl.dst, dst_v = sh.base + L::kV + cl.dst;
+  int stage = 0;
+  uint32_t phase = 0, tile_count = 0;
   for (int index = blockIdx.x; index < tiles; index += gridDim.x) {
     AttnTile tk;
     if (!decode_tile<kMode>(a, index, tk)) continue;
-    const int buf = static_cast<int>(tile_count & 1);
-    mbar_wait(sh.bar(kBarQEmpty + buf), ((tile_count >> 1) & 1) ^ 1);
-    const uint32_t sq = sh.base + buf * Sm90Smem<D>::kQBytes;
-#pragma unroll 4
-    for (int r = tid / kChunks; r < kTileRows; r += kRowStep) {
-      const int64_t off = q_row_offset<kMode>(a, tk, r, chunk_row0);
-      cp_async16(sq + swizzled<kTileRows>(r, c), off >= 0 ? q + off + c * 8 : q, off >= 0);
+    const int qbuf = L::kQBufs == 1 ? 0 : static_cast<int>(tile_count & 1);
+    const uint32_t qphase = (tile_count / L::kQBufs) & 1;
+    const auto load_q = [&] {
+      mbar_wait(sh.bar(L::kBarQEmpty + qbuf), qphase ^ 1);
+      load_q_tile<T, D, kMode>(a, tk, sh.base + qbuf * L::kQBytes + cl.dst, cl, chunk_row0);
+      mbar_arrive_on_cp_async(sh.bar(L::kBarQFull + qbuf));
+    };
+    // This thread's chunk of its first row at key position 0.
+    const T* krow =
+        k + static_cast<int64_t>(tk.kvh) * a.k_hs + (tk.key_row0 + cl.row0) * k_ts + cl.chunk * 8;
+    const T* vrow =
+        v + static_cast<int64_t>(tk.kvh) * a.v_hs + (tk.key_row0 + cl.row0) * v_ts + cl.chunk * 8;
+    const auto load_stage = [&](int t0) {
+      const uint32_t ko = dst_k + stage * L::kKVBytes, vo = dst_v + stage * L::kKVBytes;
+      const int valid = tk.hi - t0;  // keys of the stage in range
+      mbar_wait(sh.bar(L::kBarKEmpty + stage), phase ^ 1);
+      if (valid >= kKeys)
+        copy_rows_full<T, D>(ko, krow + t0 * k_ts, k_step);
+      else
+        copy_rows_partial<T, D>(ko, krow + t0 * k_ts, k_step, cl.row0, valid, k);
+      mbar_arrive_on_cp_async(sh.bar(L::kBarKFull + stage));
+      mbar_wait(sh.bar(L::kBarVEmpty + stage), phase ^ 1);
+      if (valid >= kKeys)
+        copy_rows_full<T, D>(vo, vrow + t0 * v_ts, v_step);
+      else
+        copy_rows_partial<T, D>(vo, vrow + t0 * v_ts, v_step, cl.row0, valid, v);
+      mbar_arrive_on_cp_async(sh.bar(L::kBarVFull + stage));
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    };
+    // With one Q buffer: the first stage, then Q, then the rest. The stage
+    // is peeled rather than Q loaded under a flag inside the loop: there
+    // Q's addresses were loop invariants, hoisted out of the loop by the
+    // compiler, and spilled (they do not fit in 40 registers).
+    int t0 = first_key_step(tk);
+    if constexpr (L::kQBufs == 1) {
+      if (t0 >= 0) {
+        load_stage(t0);
+        t0 = next_key_step<kMode, kKeys>(tk, t0, a.block_size);
+      }
     }
-    mbar_arrive_on_cp_async(sh.bar(kBarQFull + buf));
-
-    const T* krows = k + static_cast<int64_t>(tk.kvh) * a.k_hs + tk.key_row0 * a.k_ts;
-    const T* vrows = v + static_cast<int64_t>(tk.kvh) * a.v_hs + tk.key_row0 * a.v_ts;
-    for (int t0 = first_key_step(tk); t0 >= 0;
-         t0 = next_key_step<kMode, kKeys>(tk, t0, a.block_size)) {
-      const int stage = static_cast<int>(stage_count % kStages);
-      mbar_wait(sh.bar(kBarKVEmpty + stage), ((stage_count / kStages) & 1) ^ 1);
-      load_stage<T, D>(sh.base + Sm90Smem<D>::kK + stage * Sm90Smem<D>::kKVBytes, krows, k, a.k_ts,
-                       t0, tk.hi, tid);
-      mbar_arrive_on_cp_async(sh.bar(kBarKFull + stage));
-      load_stage<T, D>(sh.base + Sm90Smem<D>::kV + stage * Sm90Smem<D>::kKVBytes, vrows, v, a.v_ts,
-                       t0, tk.hi, tid);
-      mbar_arrive_on_cp_async(sh.bar(kBarVFull + stage));
-      ++stage_count;
-    }
+    // A tile without keys still loads Q: the consumers wait for it.
+    load_q();
+    for (; t0 >= 0; t0 = next_key_step<kMode, kKeys>(tk, t0, a.block_size)) load_stage(t0);
     ++tile_count;
   }
   cp_async_wait_all_issued();  // leave no copy in flight behind an exited thread
 }
 
-// Named barriers 1 and 2 order the two consumer warpgroups' S = Q K^T
-// issues ("ping-pong", as in FlashAttention-3): warpgroup w waits on barrier
-// 1 + w before issuing and then releases the other one, so one warpgroup's
+// Named barriers 1 and 2 order the two consumer warpgroups' product issues
+// ("ping-pong", as in FlashAttention-3): warpgroup w waits on barrier 1 + w
+// before issuing a stage's products (S = Q K^T; with the overlap also the
+// previous stage's P V) and then releases the other one, so one warpgroup's
 // softmax runs while the other's products occupy the tensor cores.
 __device__ __forceinline__ void named_barrier_sync(int id) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(2 * kWarpgroupThreads) : "memory");
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kConsumerThreads) : "memory");
 }
 __device__ __forceinline__ void named_barrier_arrive(int id) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(2 * kWarpgroupThreads) : "memory");
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kConsumerThreads) : "memory");
 }
 
-template <class T, int D, AttnMode kMode>
+// What one consumer thread needs of its warpgroup and tile; shared by the
+// two consumer loops below.
+template <class T, int D, AttnMode kMode, int kStages>
+struct ConsumerCtx {
+  using L = Sm90Layout<D, kStages>;
+  static constexpr int kDT = D / 8;      // n8 column groups of O
+  static constexpr int kNT = kKeys / 8;  // n8 column groups of S
+  const AttnArgs& a;
+  const Sm90Shared& sh;
+  int wg, g, tq, row_base;
+  float scale_log2;
+  int bs;
+
+  // S = Q K^T of the stage, issued and committed (not waited for): D/16
+  // k-steps; within a 64-column block a k-step moves the start address by
+  // 32 bytes, the next block is a whole tile column block further.
+  __device__ __forceinline__ void issue_s(float (&s)[kKeys / 2], uint32_t desc_q, int stage) const {
+    using namespace sm90;  // NOLINT(google-build-using-namespace)
+    fence_proxy_async();
+    const uint32_t desc_k = make_desc_lo(sh.base + L::kK + stage * L::kKVBytes, 16);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t a_off = (ks >> 2) * (kTileRows * 128) + (ks & 3) * 32;
+      const uint32_t b_off = (ks >> 2) * (kKeys * 128) + (ks & 3) * 32;
+      wgmma_ss<T, kKeys>(s, desc_q + (a_off >> 4), desc_k + (b_off >> 4), ks > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+  }
+
+  // O += P V of the stage, issued and committed: V is [key][d] in shared
+  // memory, the MN-major B operand; a k-step is 16 keys = two 8-row groups =
+  // 2048 bytes.
+  __device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&p)[kKeys / 16][4],
+                                           int stage) const {
+    using namespace sm90;  // NOLINT(google-build-using-namespace)
+    fence_proxy_async();
+    const uint32_t desc_v = make_desc_lo(sh.base + L::kV + stage * L::kKVBytes, kKeys * 128);
+    fence_operands(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < kKeys / 16; ++kc)
+      wgmma_rs_tb<T, D>(o, p[kc], desc_v + ((kc * 16 * 128) >> 4));
+    wgmma_commit();
+  }
+
+  // The causal / range mask of the step at t0 (when some key of it is
+  // masked for some row). s[4 nt + e]: row row_base + g + 8 (e >> 1), key
+  // t0 + 8 nt + 2 tq + (e & 1).
+  __device__ __forceinline__ void mask(float (&s)[kKeys / 2], const AttnTile& tk, int t0,
+                                       const int (&pos)[2]) const {
+    if (!key_step_needs_mask<kMode, kKeys>(tk, t0, bs)) return;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int t = t0 + nt * 8 + 2 * tq + (e & 1);
+        bool keep;
+        if constexpr (kMode == AttnMode::past) {
+          keep = t < tk.hi;
+        } else {
+          const int p = pos[e >> 1];
+          keep = t <= p;
+          if constexpr (kMode == AttnMode::current) keep = keep && t >= (p / bs) * bs;
+        }
+        if (!keep) s[4 * nt + e] = -INFINITY;
+      }
+  }
+
+  // P in the input dtype as wgmma A fragments: the accumulator layout of S
+  // is the A-fragment layout of m16n8k16 per warp, 16 keys per k-step.
+  __device__ __forceinline__ static void pack_p(const float (&s)[kKeys / 2],
+                                                uint32_t (&p)[kKeys / 16][4]) {
+#pragma unroll
+    for (int kc = 0; kc < kKeys / 16; ++kc) {
+      p[kc][0] = pack2<T>(s[8 * kc + 0], s[8 * kc + 1]);
+      p[kc][1] = pack2<T>(s[8 * kc + 2], s[8 * kc + 3]);
+      p[kc][2] = pack2<T>(s[8 * kc + 4], s[8 * kc + 5]);
+      p[kc][3] = pack2<T>(s[8 * kc + 6], s[8 * kc + 7]);
+    }
+  }
+
+  // The epilogue, the mma.sync kernel's (attention_common.cuh).
+  __device__ __forceinline__ void store(const AttnTile& tk, const int (&pos)[2],
+                                        const float (&m)[2], const float (&l)[2], float (&o)[D / 2],
+                                        int64_t chunk_row0) const {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      store_row<T, D, kMode>(a, tk, row_base + h * 8 + g, pos[h], a.entries, tk.entry0, m[h], l[h],
+                             scale_log2, bs, chunk_row0, tq,
+                             [&](int dt, int j) -> float& { return o[4 * dt + 2 * h + j]; });
+  }
+};
+
+// Every consumer thread arrives on the "empty" barriers (expected count 256):
+// no lane test and no __syncwarp between the products. Each thread arrives
+// after its own wgmma.wait_group, so the phase completes only when both
+// warpgroups' products have read the buffer. K is given back right after
+// S = Q K^T, V after O += P V, Q right after the tile's last S = Q K^T (so
+// with a single Q buffer the next tile's Q loads during this stage's softmax
+// and P V).
+//
+// kOverlap false: per stage S, softmax, P V, each waited for before the next
+// (the two warpgroups overlap each other through the ping-pong).
+// kOverlap true (MOBA_CUDA_SM90_OVERLAP=1), FlashAttention-3's
+// intra-warpgroup overlap on top: stage n issues S_n = Q K_n^T and then
+// O += P_{n-1} V_{n-1} back to back, waits for S_n only
+// (wgmma.wait_group 1), runs the softmax of S_n while P_{n-1} V_{n-1} is on
+// the tensor cores, and then waits for it. O is rescaled by the previous
+// stage's factor just before that product, so the arithmetic is the same
+// sequence as without the overlap. O, S_n and P_{n-1} are live together
+// (160 registers at D 128): this needs the consumers' setmaxnreg budget,
+// which ptxas allocates against in the consumer branch.
+template <class T, int D, AttnMode kMode, int kStages, bool kOverlap>
 __device__ void consume(const AttnArgs& a, const Sm90Shared& sh, int tiles, int64_t chunk_row0,
                         int wg, bool pingpong) {
-  using namespace sm90;           // NOLINT(google-build-using-namespace)
-  constexpr int kDT = D / 8;      // n8 column groups of O
-  constexpr int kNT = kKeys / 8;  // n8 column groups of S
+  using namespace sm90;  // NOLINT(google-build-using-namespace)
+  using Ctx = ConsumerCtx<T, D, kMode, kStages>;
+  using L = typename Ctx::L;
+  constexpr int kNT = Ctx::kNT;
   const int tid = threadIdx.x - kWarpgroupThreads;
-  const int warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-  const int row_base = wg * 64 + warp * 16;  // the warp's 16 rows: row_base + g (+ 8)
-  const float scale_log2 = a.scale * kAttnLog2e;
+  const int warp = (tid >> 5) & 3, lane = tid & 31;
+  const Ctx cx{a,           sh, wg, lane >> 2, lane & 3, wg * 64 + warp * 16, a.scale * kAttnLog2e,
+               a.block_size};
   const int bs = a.block_size;
   const int my_turn = 1 + wg, other_turn = 2 - wg;
   // Warpgroup 0 issues first. Every stage pairs one sync of each warpgroup
@@ -239,151 +455,192 @@ __device__ void consume(const AttnArgs& a, const Sm90Shared& sh, int tiles, int6
   // the same tiles and stages), and warpgroup 0 takes the last arrive after
   // its loop, so no barrier is left half-arrived.
   if (pingpong && wg == 1) named_barrier_arrive(1);
-  uint32_t stage_count = 0, tile_count = 0;
+  int stage = 0;
+  uint32_t phase = 0, tile_count = 0;
+  const auto advance = [&] {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  };
 
   for (int index = blockIdx.x; index < tiles; index += gridDim.x) {
     AttnTile tk;
     if (!decode_tile<kMode>(a, index, tk)) continue;
-    const int buf = static_cast<int>(tile_count & 1);
-    mbar_wait(sh.bar(kBarQFull + buf), (tile_count >> 1) & 1);
+    const int qbuf = L::kQBufs == 1 ? 0 : static_cast<int>(tile_count & 1);
+    const uint32_t q_empty = sh.bar(L::kBarQEmpty + qbuf);
+    mbar_wait(sh.bar(L::kBarQFull + qbuf), (tile_count / L::kQBufs) & 1);
+    ++tile_count;
     // A warpgroup whose 64 rows are all padding only keeps the barrier
-    // protocol going (small past buckets are common with small blocks).
-    const bool active = wg * 64 < tk.rows;
+    // protocol going (small past buckets are common with small blocks). The
+    // shuffle makes the flag visibly warp-uniform for ptxas, which then
+    // keeps the wgmma under it unserialised.
+    const bool active = __shfl_sync(0xffffffffu, wg * 64 < tk.rows ? 1 : 0, 0) != 0;
     int pos[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int r = row_base + h * 8 + g;
+      const int r = cx.row_base + h * 8 + cx.g;
       pos[h] = r < tk.rows ? tk.first_pos + r : tk.last_pos;
     }
     float o[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    const uint64_t desc_q =
-        make_desc(sh.base + buf * Sm90Smem<D>::kQBytes + wg * 64 * 128, 16, 1024);
+    const uint32_t desc_q = make_desc_lo(sh.base + qbuf * L::kQBytes + wg * 64 * 128, 16);
 
-    for (int t0 = first_key_step(tk); t0 >= 0; t0 = next_key_step<kMode, kKeys>(tk, t0, bs)) {
-      const int stage = static_cast<int>(stage_count % kStages);
-      const uint32_t parity = (stage_count / kStages) & 1;
-      mbar_wait(sh.bar(kBarKFull + stage), parity);
-      float s[kKeys / 2];
-      if (pingpong) named_barrier_sync(my_turn);
-      if (active) {
-        fence_proxy_async();
-        // S = Q K^T: D/16 k-steps; within a 64-column block a k-step moves
-        // the start address by 32 bytes, the next block is a whole tile
-        // column block further.
-        const uint64_t desc_k =
-            make_desc(sh.base + Sm90Smem<D>::kK + stage * Sm90Smem<D>::kKVBytes, 16, 1024);
-        wgmma_fence();
+    int t0 = first_key_step(tk);
+    if (t0 < 0) mbar_arrive(q_empty);  // no key step: Q is not read
+    if (!kOverlap || !active) {
+      while (t0 >= 0) {
+        const int t_next = next_key_step<kMode, kKeys>(tk, t0, bs);
+        const uint32_t k_empty = sh.bar(L::kBarKEmpty + stage);
+        const uint32_t v_empty = sh.bar(L::kBarVEmpty + stage);
+        mbar_wait(sh.bar(L::kBarKFull + stage), phase);
+        if (pingpong) named_barrier_sync(my_turn);
+        if (active) {
+          float s[kKeys / 2];
+          cx.issue_s(s, desc_q, stage);
+          if (pingpong) named_barrier_arrive(other_turn);
+          wgmma_wait_all();
+          fence_operands(s);
+          mbar_arrive(k_empty);
+          if (t_next < 0) mbar_arrive(q_empty);
+          cx.mask(s, tk, t0, pos);
+          // Online softmax, the mma.sync kernel's (attention_common.cuh).
 #pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-          const uint32_t a_off = (ks >> 2) * (kTileRows * 128) + (ks & 3) * 32;
-          const uint32_t b_off = (ks >> 2) * (kKeys * 128) + (ks & 3) * 32;
-          wgmma_ss<T, kKeys>(s, desc_q + (a_off >> 4), desc_k + (b_off >> 4), ks > 0 ? 1 : 0);
+          for (int h = 0; h < 2; ++h)
+            online_softmax_row<kNT, Ctx::kDT>(
+                m[h], l[h], cx.scale_log2,
+                [&](int nt, int j) -> float& { return s[4 * nt + 2 * h + j]; },
+                [&](int dt, int j) -> float& { return o[4 * dt + 2 * h + j]; });
+          uint32_t p[kKeys / 16][4];
+          Ctx::pack_p(s, p);
+          mbar_wait(sh.bar(L::kBarVFull + stage), phase);
+          cx.issue_pv(o, p, stage);
+          wgmma_wait_all();
+          fence_operands(o);
+          mbar_arrive(v_empty);
+        } else {
+          if (pingpong) named_barrier_arrive(other_turn);
+          mbar_arrive(k_empty);
+          if (t_next < 0) mbar_arrive(q_empty);
+          // V's phase must complete before this arrival, else it could count
+          // towards the phase that the producer still waits for.
+          mbar_wait(sh.bar(L::kBarVFull + stage), phase);
+          mbar_arrive(v_empty);
         }
-        wgmma_commit();
+        advance();
+        t0 = t_next;
+      }
+    } else if (t0 >= 0) {
+      // The softmax of one stage's scores without touching O (the overlap
+      // rescales O later); returns the factor O has to be scaled by, the
+      // same expression as in online_softmax_row.
+      float alpha[2];
+      const auto softmax = [&](float(&s)[kKeys / 2]) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float m_old = m[h];
+          online_softmax_row<kNT, 0>(
+              m[h], l[h], cx.scale_log2,
+              [&](int nt, int j) -> float& { return s[4 * nt + 2 * h + j]; },
+              [&](int, int) -> float& { return alpha[h]; });
+          const float ref = m[h] == -INFINITY ? 0.0f : m[h] * cx.scale_log2;
+          alpha[h] = fast_exp2(m_old * cx.scale_log2 - ref);
+        }
+      };
+      const auto rescale_o = [&] {
+#pragma unroll
+        for (int dt = 0; dt < Ctx::kDT; ++dt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[4 * dt + e] *= alpha[e >> 1];
+      };
+      uint32_t p[kKeys / 16][4];
+      // Stage 0: S only.
+      {
+        const int t_next = next_key_step<kMode, kKeys>(tk, t0, bs);
+        mbar_wait(sh.bar(L::kBarKFull + stage), phase);
+        if (pingpong) named_barrier_sync(my_turn);
+        float s[kKeys / 2];
+        cx.issue_s(s, desc_q, stage);
         if (pingpong) named_barrier_arrive(other_turn);
         wgmma_wait_all();
         fence_operands(s);
-
-        // s[4 nt + e]: row row_base + g + 8 (e >> 1), key t0 + 8 nt + 2 tq + (e & 1).
-        if (key_step_needs_mask<kMode, kKeys>(tk, t0, bs)) {
-#pragma unroll
-          for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int t = t0 + nt * 8 + 2 * tq + (e & 1);
-              bool keep;
-              if constexpr (kMode == AttnMode::past) {
-                keep = t < tk.hi;
-              } else {
-                const int p = pos[e >> 1];
-                keep = t <= p;
-                if constexpr (kMode == AttnMode::current) keep = keep && t >= (p / bs) * bs;
-              }
-              if (!keep) s[4 * nt + e] = -INFINITY;
-            }
-        }
-
-        // Online softmax, the mma.sync kernel's (attention_common.cuh).
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          online_softmax_row<kNT, kDT>(
-              m[h], l[h], scale_log2,
-              [&](int nt, int j) -> float& { return s[4 * nt + 2 * h + j]; },
-              [&](int dt, int j) -> float& { return o[4 * dt + 2 * h + j]; });
-
-        // P in the input dtype as wgmma A fragments: the accumulator layout
-        // of S is the A-fragment layout of m16n8k16 per warp, 16 keys per
-        // k-step.
-        uint32_t p[kKeys / 16][4];
-#pragma unroll
-        for (int kc = 0; kc < kKeys / 16; ++kc) {
-          p[kc][0] = pack2<T>(s[8 * kc + 0], s[8 * kc + 1]);
-          p[kc][1] = pack2<T>(s[8 * kc + 2], s[8 * kc + 3]);
-          p[kc][2] = pack2<T>(s[8 * kc + 4], s[8 * kc + 5]);
-          p[kc][3] = pack2<T>(s[8 * kc + 6], s[8 * kc + 7]);
-        }
-
-        // O += P V: V is [key][d] in shared memory, the MN-major B operand;
-        // a k-step is 16 keys = two 8-row groups = 2048 bytes.
-        mbar_wait(sh.bar(kBarVFull + stage), parity);
-        fence_proxy_async();
-        const uint64_t desc_v =
-            make_desc(sh.base + Sm90Smem<D>::kV + stage * Sm90Smem<D>::kKVBytes, kKeys * 128, 1024);
-        fence_operands(o);
-        wgmma_fence();
-#pragma unroll
-        for (int kc = 0; kc < kKeys / 16; ++kc)
-          wgmma_rs_tb<T, D>(o, p[kc], desc_v + ((kc * 16 * 128) >> 4));
-        wgmma_commit();
-        wgmma_wait_all();
-        fence_operands(o);
-      } else {
-        if (pingpong) named_barrier_arrive(other_turn);
-        mbar_wait(sh.bar(kBarVFull + stage), parity);
+        mbar_arrive(sh.bar(L::kBarKEmpty + stage));
+        if (t_next < 0) mbar_arrive(q_empty);
+        cx.mask(s, tk, t0, pos);
+        softmax(s);
+        Ctx::pack_p(s, p);
+        t0 = t_next;
       }
-      __syncwarp();
-      if (lane == 0) mbar_arrive(sh.bar(kBarKVEmpty + stage));
-      ++stage_count;
+      int v_stage = stage;  // the stage whose V pairs with p
+      uint32_t v_phase = phase;
+      advance();
+      // Stage n >= 1: S_n and P_{n-1} V_{n-1}.
+      while (t0 >= 0) {
+        const int t_next = next_key_step<kMode, kKeys>(tk, t0, bs);
+        mbar_wait(sh.bar(L::kBarKFull + stage), phase);
+        if (pingpong) named_barrier_sync(my_turn);
+        float s[kKeys / 2];
+        cx.issue_s(s, desc_q, stage);
+        rescale_o();
+        mbar_wait(sh.bar(L::kBarVFull + v_stage), v_phase);
+        cx.issue_pv(o, p, v_stage);
+        if (pingpong) named_barrier_arrive(other_turn);
+        wgmma_wait<1>();
+        fence_operands(s);
+        mbar_arrive(sh.bar(L::kBarKEmpty + stage));
+        if (t_next < 0) mbar_arrive(q_empty);
+        cx.mask(s, tk, t0, pos);
+        softmax(s);
+        wgmma_wait<0>();
+        fence_operands(o);
+        fence_operands(p);  // P_{n-1} stays allocated until its product is done
+        mbar_arrive(sh.bar(L::kBarVEmpty + v_stage));
+        Ctx::pack_p(s, p);
+        v_stage = stage;
+        v_phase = phase;
+        advance();
+        t0 = t_next;
+      }
+      // The last stage's P V.
+      rescale_o();
+      mbar_wait(sh.bar(L::kBarVFull + v_stage), v_phase);
+      cx.issue_pv(o, p, v_stage);
+      wgmma_wait<0>();
+      fence_operands(o);
+      fence_operands(p);
+      mbar_arrive(sh.bar(L::kBarVEmpty + v_stage));
     }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(sh.bar(kBarQEmpty + buf));
-    ++tile_count;
     if (!active) continue;
-
-      // Epilogue, the mma.sync kernel's (attention_common.cuh).
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      store_row<T, D, kMode>(a, tk, row_base + h * 8 + g, pos[h], a.entries, tk.entry0, m[h], l[h],
-                             scale_log2, bs, chunk_row0, tq,
-                             [&](int dt, int j) -> float& { return o[4 * dt + 2 * h + j]; });
+    cx.store(tk, pos, m, l, o, chunk_row0);
   }
   if (pingpong && wg == 0) named_barrier_sync(1);
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-template <class T, int D, AttnMode kMode>
+template <class T, int D, AttnMode kMode, int kStages, bool kOverlap>
 __global__ void __launch_bounds__(kSm90Threads, 1)
     attention_sm90_kernel(const AttnArgs a, int pingpong) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;  // NOLINT(google-build-using-namespace)
+  using L = Sm90Layout<D, kStages>;
   extern __shared__ __align__(1024) uint8_t smem_sm90[];
-  __shared__ __align__(8) uint64_t bars[kNumBars];
+  __shared__ __align__(8) uint64_t bars[kMaxBars];
   Sm90Shared sh;
   sh.base = (smem_u32(smem_sm90) + 1023u) & ~1023u;
   sh.bars = smem_u32(bars);
   if (threadIdx.x == 0) {
-    mbar_init(sh.bar(kBarQFull), kWarpgroupThreads);
-    mbar_init(sh.bar(kBarQFull + 1), kWarpgroupThreads);
-    mbar_init(sh.bar(kBarQEmpty), 8);
-    mbar_init(sh.bar(kBarQEmpty + 1), 8);
+    for (int b = 0; b < L::kQBufs; ++b) {
+      mbar_init(sh.bar(L::kBarQFull + b), kWarpgroupThreads);  // cp.async arrivals
+      mbar_init(sh.bar(L::kBarQEmpty + b), kConsumerThreads);
+    }
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(sh.bar(kBarKFull + s), kWarpgroupThreads);
-      mbar_init(sh.bar(kBarVFull + s), kWarpgroupThreads);
-      mbar_init(sh.bar(kBarKVEmpty + s), 8);
+      mbar_init(sh.bar(L::kBarKFull + s), kWarpgroupThreads);
+      mbar_init(sh.bar(L::kBarVFull + s), kWarpgroupThreads);
+      mbar_init(sh.bar(L::kBarKEmpty + s), kConsumerThreads);
+      mbar_init(sh.bar(L::kBarVEmpty + s), kConsumerThreads);
     }
   }
   __syncthreads();
@@ -399,14 +656,19 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       kMode == AttnMode::past ? *a.num_descs : (a.tile_end - a.tile_begin) * a.heads_q;
 
   // Each branch is one warpgroup role, so setmaxnreg applies (a register cap
-  // at entry comes from __launch_bounds__(384, 1)).
-  if (threadIdx.x < kWarpgroupThreads) {
+  // at entry comes from __launch_bounds__(384, 1); ptxas allocates each role
+  // within its setmaxnreg count). The warpgroup index goes through a shuffle
+  // from lane 0 (CUTLASS's idiom) so that ptxas knows it is warp-uniform: the
+  // roles' control flow and the wgmma descriptors then live in uniform
+  // registers, not in per-thread ones moved over (R2UR) before every wgmma.
+  const int warpgroup =
+      __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroupThreads, 0);
+  if (warpgroup == 0) {
     setmaxnreg_dec<kProducerRegs>();
-    produce<T, D, kMode>(a, sh, tiles, chunk_row0);
+    produce<T, D, kMode, kStages>(a, sh, tiles, chunk_row0);
   } else {
     setmaxnreg_inc<kConsumerRegs>();
-    consume<T, D, kMode>(a, sh, tiles, chunk_row0,
-                         static_cast<int>(threadIdx.x / kWarpgroupThreads) - 1, pingpong != 0);
+    consume<T, D, kMode, kStages, kOverlap>(a, sh, tiles, chunk_row0, warpgroup - 1, pingpong != 0);
   }
 #endif
 }
@@ -421,11 +683,38 @@ bool pingpong_enabled() {
   return enabled;
 }
 
-template <class T, int D, AttnMode kMode>
-cudaError_t launch_sm90_typed(const AttnArgs& a, cudaStream_t stream) {
-  constexpr int smem = Sm90Smem<D>::kAlloc;
-  cudaError_t err = cudaFuncSetAttribute(attention_sm90_kernel<T, D, kMode>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+std::atomic<int> g_sm90_stages_override{0};
+std::atomic<int> g_sm90_overlap_override{-1};
+
+// The K/V pipeline depth: 3 stages by default (at D 128 with one Q buffer),
+// MOBA_CUDA_SM90_STAGES=2 the first version's 2 stages with two Q buffers
+// (read once; for A/B measurements), set_sm90_stages_override for tests.
+int sm90_stages() {
+  static const int env_value = [] {
+    const char* v = std::getenv("MOBA_CUDA_SM90_STAGES");
+    return v != nullptr && std::strcmp(v, "2") == 0 ? 2 : kSm90DefaultStages;
+  }();
+  const int forced = g_sm90_stages_override.load(std::memory_order_relaxed);
+  return forced != 0 ? forced : env_value;
+}
+
+// The consumers' intra-warpgroup overlap: off by default (not measured on
+// the device yet), MOBA_CUDA_SM90_OVERLAP=1 turns it on (read once),
+// set_sm90_overlap_override for tests.
+bool sm90_overlap() {
+  static const bool env_value = [] {
+    const char* v = std::getenv("MOBA_CUDA_SM90_OVERLAP");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  const int forced = g_sm90_overlap_override.load(std::memory_order_relaxed);
+  return forced >= 0 ? forced != 0 : env_value;
+}
+
+template <class T, int D, AttnMode kMode, int kStages, bool kOverlap>
+cudaError_t launch_sm90_variant(const AttnArgs& a, cudaStream_t stream) {
+  constexpr int smem = Sm90Smem<D, kStages>::kAlloc;
+  const auto kernel = attention_sm90_kernel<T, D, kMode, kStages, kOverlap>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   int device = 0, sms = 0;
   if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
@@ -439,9 +728,19 @@ cudaError_t launch_sm90_typed(const AttnArgs& a, cudaStream_t stream) {
     ctas = static_cast<int64_t>(a.tile_end - a.tile_begin) * a.heads_q;
   ctas = std::min<int64_t>(ctas, sms);
   if (ctas <= 0) return cudaSuccess;
-  attention_sm90_kernel<T, D, kMode>
-      <<<static_cast<unsigned>(ctas), kSm90Threads, smem, stream>>>(a, pingpong_enabled() ? 1 : 0);
+  kernel<<<static_cast<unsigned>(ctas), kSm90Threads, smem, stream>>>(a,
+                                                                      pingpong_enabled() ? 1 : 0);
   return cudaGetLastError();
+}
+
+template <class T, int D, AttnMode kMode>
+cudaError_t launch_sm90_typed(const AttnArgs& a, cudaStream_t stream) {
+  const bool overlap = sm90_overlap();
+  if (sm90_stages() == 2)
+    return overlap ? launch_sm90_variant<T, D, kMode, 2, true>(a, stream)
+                   : launch_sm90_variant<T, D, kMode, 2, false>(a, stream);
+  return overlap ? launch_sm90_variant<T, D, kMode, 3, true>(a, stream)
+                 : launch_sm90_variant<T, D, kMode, 3, false>(a, stream);
 }
 
 template <class T, int D>
@@ -463,12 +762,14 @@ std::atomic<int> g_sm90_override{-1};
 // only that body declares the static shared barriers.
 bool sm90_body_loaded() {
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, attention_sm90_kernel<__nv_bfloat16, 128, AttnMode::dense>) !=
+  if (cudaFuncGetAttributes(
+          &attr,
+          attention_sm90_kernel<__nv_bfloat16, 128, AttnMode::dense, kSm90DefaultStages, false>) !=
       cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
-  return attr.sharedSizeBytes >= kNumBars * sizeof(uint64_t);
+  return attr.sharedSizeBytes >= kMaxBars * sizeof(uint64_t);
 }
 
 }  // namespace
@@ -487,6 +788,15 @@ bool sm90_attention_wanted(bool dense, int block_size) {
 
 void set_sm90_attention_override(int allow) {
   g_sm90_override.store(allow < 0 ? -1 : (allow != 0 ? 1 : 0), std::memory_order_relaxed);
+}
+
+void set_sm90_stages_override(int stages) {
+  g_sm90_stages_override.store(stages == 2 || stages == 3 ? stages : 0, std::memory_order_relaxed);
+}
+
+void set_sm90_overlap_override(int overlap) {
+  g_sm90_overlap_override.store(overlap < 0 ? -1 : (overlap != 0 ? 1 : 0),
+                                std::memory_order_relaxed);
 }
 
 bool sm90_attention_supported() {

@@ -11,9 +11,11 @@
 //             a kv group to choose a block appends it to a work list) ->
 //             attend (1 CTA per (work item, key chunk): the block's chunk is
 //             read once for every query row of the kv group that selected
-//             it, 16-byte loads, online softmax on the CUDA cores, one
-//             partial per row; the CTA writing a row's last partial merges
-//             the row by log-sum-exp into out / lse)
+//             it, through per-warp cp.async rings, S^T = K Q^T and
+//             O^T += V^T P^T on the tensor cores (mma.m16n8k16) with the
+//             online softmax on the fp32 accumulators, one partial per row;
+//             the CTA writing a row's last partial merges the row by
+//             log-sum-exp into out / lse)
 //
 // Nothing here synchronizes or reads device memory on the host (except
 // kv_bytes_read, a benchmark utility). Grids come from host-known bounds
@@ -28,8 +30,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "backends/cuda/common.cuh"
 #include "backends/cuda/decode.hpp"
@@ -50,12 +54,12 @@ constexpr int kThreads = 128;          // append and attend: 4 warps
 constexpr int kValidateThreads = 512;  // decode validation: page-table scan of a long sequence
 constexpr int kRouteThreads = 512;     // route: 16 warps score blocks kRouteBatch at a time
 constexpr int kRouteBatch = 8;         // block sums in flight per routing warp
-constexpr int kWaves = 4;              // attention CTAs per resident slot, at least (tail <= 1/4)
-constexpr int kKeyLoads = 4;           // 16-byte K and V vectors per lane and step
-constexpr int kStages = 3;             // attend: key steps in the cp.async ring (2 in flight)
 constexpr int kSmemScores = 8192;   // routing scores kept in shared memory up to this many blocks
 constexpr int kDenseUnits = 64;     // key ranges per sequence when top_k covers every block
-constexpr int64_t kMinChunk = 128;  // keys per split-K chunk, at least
+constexpr int64_t kMinChunk = 128;  // keys per split-K chunk, at least (unless forced)
+// Split-K cost model (choose_split): a CTA's fixed cost (prologue, pipeline
+// fill, epilogue) in bytes of K/V it could have streamed meanwhile.
+constexpr double kCtaFixedBytes = 64 << 10;
 constexpr int64_t kDefaultDecodeBytes = int64_t{256} << 20;  // partials + scores per launch
 
 // The cache geometry the kernels read (core::Cache in device terms).
@@ -65,6 +69,7 @@ struct CacheArgs {
   const int32_t* table;                        // null: contiguous layout
   int64_t table_ss, table_ps;
   int page_size, num_pages, capacity;
+  int page_shift;  // log2(page_size) when it is a power of two, else -1
   int32_t* seqlens;
   int64_t seqlens_stride;
   float* sums;
@@ -79,13 +84,6 @@ struct CacheArgs {
     if (table == nullptr)  // contiguous: one page of `capacity` rows per sequence
       return seq * page_stride + static_cast<int64_t>(token) * row_stride;
     return page_of(seq, token) * page_stride + static_cast<int64_t>(token % page_size) * row_stride;
-  }
-  // row() split in two, so the page-table load can be issued a step ahead:
-  // `page` is page_of(seq, token).
-  __device__ int64_t row_in_page(int64_t page, int64_t page_stride, int64_t row_stride,
-                                 int token) const {
-    const int64_t in_page = table != nullptr ? token % page_size : token;
-    return page * page_stride + in_page * row_stride;
   }
   __device__ float* sum(int seq, int block, int head) const {
     return sums + seq * sums_ss + block * sums_bs + head * sums_hs;
@@ -549,17 +547,28 @@ struct AttendArgs {
 };
 
 // The slot of block `j` in a row's selection (ascending, -1 padded), or -1.
+// The entries are loaded kRankBatch at a time, all before any is used: one
+// memory latency for a selection of up to kRankBatch blocks (config P's 12),
+// where a binary search waits for log2(width) dependent loads.
+constexpr int kRankBatch = 16;
 __device__ __forceinline__ int find_rank(const int32_t* row, int width, int j) {
-  int lo = 0, hi = width;
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    const int v = row[mid];
-    if (v >= 0 && v < j)
-      lo = mid + 1;
-    else
-      hi = mid;
+  for (int base = 0; base < width; base += kRankBatch) {
+    int v[kRankBatch];
+#pragma unroll
+    for (int u = 0; u < kRankBatch; ++u) v[u] = base + u < width ? row[base + u] : -1;
+    int below = 0;
+    bool hit = false, beyond = false;
+#pragma unroll
+    for (int u = 0; u < kRankBatch; ++u) {
+      below += v[u] >= 0 && v[u] < j ? 1 : 0;
+      hit = hit || v[u] == j;
+      beyond = beyond || v[u] < 0 || v[u] > j;
+    }
+    // Ascending: every entry of the earlier batches is below j.
+    if (hit) return base + below;
+    if (beyond) return -1;
   }
-  return lo < width && row[lo] == j ? lo : -1;
+  return -1;
 }
 
 // The rank of unit j in the selection of row (t, head) at position pos, or
@@ -576,7 +585,10 @@ struct RowInfo {
   int t, head, pos, slot;
 };
 
-constexpr int kMergeWarps = kThreads / 32;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMergeWarps = kWarps;
+constexpr int kRows = 8;       // query rows per pass: the n of mma.m16n8k16
+constexpr int kTileKeys = 16;  // keys per warp step: the m of mma.m16n8k16 (S^T = K Q^T)
 
 // The log-sum-exp merge of one row's `count` partial slots into out / lse,
 // by the whole CTA (the last CTA to write a partial of the row). Slots are
@@ -640,55 +652,95 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Dynamic shared memory of attend_kernel: the cp.async ring of kStages key
-// steps (per thread, per step: kKeyLoads K and kKeyLoads V vectors of 16
-// bytes), which the end-of-pass stream merge reuses for its accumulators.
-template <int D, int ROWS>
+// The transpose of an 8x8 matrix of 16-bit elements held by the warp in the
+// ldmatrix fragment layout (lane l: row l / 4, columns 2 (l % 4) and
+// 2 (l % 4) + 1, the lower column in the lower half); the result is the
+// transposed matrix in the same layout.
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// Shared memory of attend_kernel. Each warp owns a ring of attend_stages key
+// tiles (16 keys of K, then the same 16 keys of V, rows of D elements with
+// the 16-byte chunks XOR-swizzled by the row's low three bits, so that the
+// 8 rows one ldmatrix phase reads sit in 8 different bank groups). After the
+// key loop the same memory holds the warps' accumulators
+// [kWarps][kRows][D + 4] (the 4 pads make the fragment stores conflict
+// free), then the merge scratch.
+template <int D>
+__host__ __device__ constexpr int attend_stages() {
+  return D == 128 ? 3 : 4;  // 96 KB (2 CTAs per SM) / 64 KB (3 CTAs per SM)
+}
+template <int D>
+__host__ __device__ constexpr int attend_tile_bytes() {
+  return kTileKeys * D * 2;
+}
+template <int D>
+__host__ __device__ constexpr int attend_acc_stride() {
+  return D + 4;
+}
+template <int D>
 __host__ __device__ constexpr int attend_smem_bytes() {
-  constexpr int streams = (kThreads / 32) * (32 / (D / 8));
-  constexpr int ring = kStages * kKeyLoads * 2 * kThreads * 16;
-  constexpr int acc = streams * ROWS * D * 4;
+  constexpr int ring = kWarps * attend_stages<D>() * 2 * attend_tile_bytes<D>();
+  constexpr int acc = kWarps * kRows * attend_acc_stride<D>() * 4;
   return ring > acc ? ring : acc;
+}
+// CTAs per SM the shared memory allows; the register budget is held to it.
+template <int D>
+__host__ __device__ constexpr int attend_min_blocks() {
+  return D == 128 ? 2 : 3;
 }
 
 // One CTA per work item x key chunk: keys [k0, k1) of one unit of one
-// (sequence, kv head), read once with 16-byte loads for every query row of
-// the kv group that needs them (in passes of ROWS rows), online softmax per
-// row on the CUDA cores. Routed: the items are the work list the routing
-// kernel built (chosen blocks only; CTAs past its length exit); dense: the
-// grid is (units x split, Hkv, batch). A lane group of D / 8 lanes owns one
-// key at a time; its partial (m, l, acc) per row is merged over the CTA in
-// shared memory and written as the row's partial slot. The CTA that writes
-// a row's last partial (a per-row counter) then merges the row into out /
-// lse (split-K without a separate merge launch).
+// (sequence, kv head), read once for every query row of the kv group that
+// needs them (in passes of kRows rows). Routed: the items are the work list
+// the routing kernel built (chosen blocks only; CTAs past its length exit);
+// dense: the grid is (units x split, Hkv, batch).
 //
-// The keys are software-pipelined: each thread copies its own K/V vectors
-// with cp.async into a private kStages-deep ring in shared memory (no other
-// thread reads them, so cp.async.wait_group orders them without a barrier),
-// two steps ahead of the step it computes, and looks the page table up one
-// step ahead of that. So 2 x 16 KB per CTA stay in flight while it computes,
-// instead of 16 KB in flight followed by compute with the memory idle.
-template <class T, int D, int ROWS>
-__global__ void __launch_bounds__(kThreads) attend_kernel(const AttendArgs a) {
-  constexpr int kLanesPerKey = D / 8;
-  constexpr int kKeysPerWarp = 32 / kLanesPerKey;
-  constexpr int kSlots = (kThreads / 32) * kKeysPerWarp;  // key streams of the CTA
-  constexpr int kStep = kSlots * kKeyLoads;               // keys per CTA step
-  __shared__ float q_s[ROWS][D];
-  __shared__ float m_s[kSlots][ROWS], l_s[kSlots][ROWS];
+// Tensor cores: warp w takes the 16-key tiles w, w + 4, ... of the chunk. Per
+// tile, S^T (16 keys x 8 rows) = K (16 x D) Q^T (D x 8), D / 16 mma.m16n8k16
+// with K from ldmatrix and Q^T held in registers; the online softmax runs on
+// the fp32 accumulator (lane (g, q) = (lane / 4, lane % 4) holds keys g and
+// g + 8 of rows 2q and 2q + 1: a row's maximum over the tile is 3 shuffles
+// across g); then O^T (D x 8) += V^T (D x 16) P^T (16 x 8), D / 16 mmas with
+// V^T from ldmatrix.trans and P^T from the accumulator: rounded to T, the
+// two 8x8 halves (keys 0-7, keys 8-15) are exactly the B fragments once
+// transposed (movmatrix). Padding rows have zero queries and are masked.
+//
+// The keys are software-pipelined per warp: each lane copies its share of a
+// tile (8 lanes per 128 bytes of a key row) with cp.async into the warp's
+// ring attend_stages - 1 tiles ahead of the tile it computes, and looks the
+// page table up one tile ahead of that;
+// cp.async.wait_group and __syncwarp order the ring (no CTA barrier in the
+// key loop). The first tiles of a chunk are requested before the rows are
+// collected (every row that reads the chunk reads from k0 on), so the row
+// search overlaps the first loads.
+//
+// The warps' partials (m, l, O) per row are merged in shared memory and
+// written as the row's partial slot; the CTA that writes a row's last
+// partial (a per-row counter) merges the row into out / lse (split-K
+// without a separate merge launch).
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads, attend_min_blocks<D>())
+    attend_kernel(const AttendArgs a) {
+  constexpr int kStages = attend_stages<D>();
+  constexpr int kTileBytes = attend_tile_bytes<D>();
+  constexpr int kStageBytes = 2 * kTileBytes;  // K tile, then V tile
+  constexpr int kRowBytes = D * 2;
+  constexpr int kSteps = D / 16;  // mma k-steps of S^T, m-tiles of O^T
+  constexpr int kAcc = attend_acc_stride<D>();
   __shared__ RowInfo rows_s[kThreads];
-  __shared__ int warp_counts[kThreads / 32];
-  __shared__ int last_s[ROWS];  // slots of the pass's rows this CTA merges (0: not last)
-  // attend_smem_bytes<D, ROWS>(): the key ring during the key loop, then the
-  // streams' accumulators acc_s[kSlots][ROWS][D], then the merge scratch.
+  __shared__ int warp_counts[kWarps];
+  __shared__ float m_s[kWarps][kRows], l_s[kWarps][kRows], w_s[kWarps][kRows];
+  __shared__ float lse_s[kRows];
+  __shared__ int last_s[kRows];  // slots of the pass's rows this CTA merges (0: not last)
   extern __shared__ uint4 attend_smem[];
-  uint4* const ring = attend_smem;  // [kStages][kKeyLoads][K, V][kThreads]
-  float(*const acc_s)[ROWS][D] = reinterpret_cast<float(*)[ROWS][D]>(attend_smem);
-  static_assert(kSlots * ROWS * D * 4 <= attend_smem_bytes<D, ROWS>() &&
-                    kStages * kKeyLoads * 2 * kThreads * 16 <= attend_smem_bytes<D, ROWS>(),
-                "ring and accumulators fit the dynamic shared memory");
-  static_assert(kSlots * ROWS * D >= 2 * kMergeWarps + kMergeWarps * D,
-                "merge scratch reuses acc_s");
+  float* const acc_s = reinterpret_cast<float*>(attend_smem);
+  static_assert(kStages >= 2, "the ring keeps at least one tile in flight");
+  static_assert(2 * kMergeWarps + kMergeWarps * D <= attend_smem_bytes<D>() / 4,
+                "merge scratch fits the ring");
 
   const Geometry& g = a.g;
   const int c = static_cast<int>(blockIdx.x % static_cast<unsigned>(g.split));
@@ -719,10 +771,119 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendArgs a) {
   const int slots = g.width * g.split;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int sub = lane / kLanesPerKey, part = lane % kLanesPerKey;
-  const int stream_id = warp * kKeysPerWarp + sub;
-  const T* kbase = static_cast<const T*>(a.c.k) + h * a.c.k_hs + part * 8;
-  const T* vbase = static_cast<const T*>(a.c.v) + h * a.c.v_hs + part * 8;
+  const int gid = lane >> 2, quad = lane & 3;  // mma fragment coordinates
+
+  // ---- the warp's key-tile ring
+  // Lane l copies 16-byte chunks 8w + l % 8 (w < D / 64) of keys l / 8 + 4v
+  // (v < 4) of a tile: 8 lanes cover 128 contiguous bytes of a key row, so
+  // each copy instruction reads 4 whole 128-byte lines. In shared memory a
+  // chunk goes to its row's chunk XOR (row % 8), which for these rows is
+  // (l % 8) ^ (l / 8) ^ 4 (v % 2): two lane offsets, the rest immediates.
+  const int copy_key = lane >> 3, copy_chunk = lane & 7;
+  const uint32_t ring = detail::smem_u32(attend_smem) + warp * kStages * kStageBytes;
+  const uint32_t copy_dst[2] = {
+      ring + static_cast<uint32_t>(copy_key * kRowBytes + ((copy_chunk ^ copy_key) << 4)),
+      ring + static_cast<uint32_t>(copy_key * kRowBytes + ((copy_chunk ^ copy_key ^ 4) << 4))};
+  const T* const kbase = static_cast<const T*>(a.c.k) + h * a.c.k_hs + copy_chunk * 8;
+  const T* const vbase = static_cast<const T*>(a.c.v) + h * a.c.v_hs + copy_chunk * 8;
+  // The first key of this warp's i-th tile.
+  auto tile_key = [&](int i) { return k0 + (warp + i * kWarps) * kTileKeys; };
+  // The sources of this lane's 4 keys of tile i (kbase / vbase for keys at
+  // or past bound, which are not read). A whole tile (all 16 keys before
+  // bound) that is contiguous, or that starts on a multiple of 16 when pages
+  // are multiples of 16 keys (units and chunks are, so every tile then is),
+  // lies in one page: one page-table entry and one division, and the keys
+  // are 4 row strides apart. Cut tiles and smaller pages look each key up.
+  struct TileSrc {
+    const T* k[4];
+    const T* v[4];
+  };
+  const int64_t k_step = 4 * a.c.k_rs, v_step = 4 * a.c.v_rs;  // keys l / 8 + 4v: 4 rows apart
+  const auto page_index = [&](int key) {
+    return a.c.page_shift >= 0 ? key >> a.c.page_shift : key / a.c.page_size;
+  };
+  auto locate = [&](int i, int bound) {
+    TileSrc r;
+    const int first = tile_key(i);
+    const bool whole = first + kTileKeys <= bound;
+    if (whole && (a.c.table == nullptr ||
+                  ((a.c.page_size & (kTileKeys - 1)) == 0 && (first & (kTileKeys - 1)) == 0))) {
+      int64_t page = b, row = first + copy_key;  // contiguous: one page per sequence
+      if (a.c.table != nullptr) {
+        const int p = page_index(first);
+        page = a.c.table[b * a.c.table_ss + p * a.c.table_ps];
+        row -= static_cast<int64_t>(p) * a.c.page_size;
+      }
+      const int64_t ko = page * a.c.k_ps + row * a.c.k_rs, vo = page * a.c.v_ps + row * a.c.v_rs;
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        r.k[v] = kbase + ko + v * k_step;
+        r.v[v] = vbase + vo + v * v_step;
+      }
+      return r;
+    }
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int key = first + copy_key + 4 * v;
+      r.k[v] = kbase;
+      r.v[v] = vbase;
+      if (key < bound) {
+        int64_t page = b, row = key;
+        if (a.c.table != nullptr) {
+          const int p = page_index(key);
+          page = a.c.table[b * a.c.table_ss + p * a.c.table_ps];
+          row -= static_cast<int64_t>(p) * a.c.page_size;
+        }
+        r.k[v] = kbase + page * a.c.k_ps + row * a.c.k_rs;
+        r.v[v] = vbase + page * a.c.v_ps + row * a.c.v_rs;
+      }
+    }
+    return r;
+  };
+  // Copies this lane's share of tile i into `stage` and commits it as one
+  // group (empty for a tile past bound, so group n is always tile n). Keys
+  // at or past bound are zero-filled: a stale or uninitialised V row would
+  // turn its zero probability into NaN.
+  auto issue = [&](int stage, int i, const TileSrc& r, int bound) {
+    const int first = tile_key(i);
+    if (first < bound) {
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const bool full = first + copy_key + 4 * v < bound;
+        const uint32_t dst = copy_dst[v & 1] + stage * kStageBytes + v * 4 * kRowBytes;
+#pragma unroll
+        for (int w = 0; w < D / 64; ++w) {
+          detail::cp_async16(dst + w * 128, r.k[v] + 64 * w, full);
+          detail::cp_async16(dst + kTileBytes + w * 128, r.v[v] + 64 * w, full);
+        }
+      }
+    }
+    detail::cp_async_commit();
+  };
+  // Tiles 0 .. kStages - 2 in flight, the rows of tile kStages - 1 located.
+  TileSrc next_src;
+  auto prime = [&](int bound) {
+    TileSrc rows[kStages - 1];
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) rows[s] = locate(s, bound);
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) issue(s, s, rows[s], bound);
+    next_src = locate(kStages - 1, bound);
+  };
+  prime(k1);  // before the rows are known: any row that reads the chunk reads from k0
+  bool primed = true;
+
+  // ldmatrix row addresses (the swizzle term is added per 16-column step):
+  // K as the A operand (16 keys x 16 dims): matrices (keys 0-7 | 8-15) x
+  // (dims 0-7 | 8-15) in the order a0..a3 = (0-7, 0-7), (8-15, 0-7),
+  // (0-7, 8-15), (8-15, 8-15): lane l addresses key l % 16, column half l / 16.
+  // V^T as the A operand (16 dims x 16 keys) through ldmatrix.trans of the
+  // row-major V tile: a0..a3 = (keys 0-7, dims 0-7), (keys 0-7, dims 8-15),
+  // (keys 8-15, dims 0-7), (keys 8-15, dims 8-15): lane l addresses key
+  // l % 8 + 8 (l / 16), column half (l / 8) % 2.
+  const int k_row = lane & 15, k_half = lane >> 4;
+  const int v_row = (lane & 7) + ((lane >> 4) << 3), v_half = (lane >> 3) & 1;
+  const int swz = lane & 7;  // == k_row & 7 == v_row & 7
 
   const int candidates = (tb - ta) * g.group;
   for (int c_base = 0; c_base < candidates; c_base += kThreads) {
@@ -745,172 +906,170 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendArgs a) {
     if (need) rows_s[at] = info;
     __syncthreads();
 
-    for (int r0 = 0; r0 < count; r0 += ROWS) {
-      const int n = min(ROWS, count - r0);
+    for (int r0 = 0; r0 < count; r0 += kRows) {
+      const int n = min(kRows, count - r0);
       int max_pos = 0;
       for (int i = 0; i < n; ++i) max_pos = max(max_pos, rows_s[r0 + i].pos);
-      const int kend = min(k1, max_pos + 1);
-      for (int e = threadIdx.x; e < ROWS * D; e += blockDim.x) {
-        const int i = e / D, x = e % D;
-        float v = 0.0f;
-        if (i < n) {
-          const RowInfo& ri = rows_s[r0 + i];
-          v = to_float<T>(static_cast<const T*>(a.q)[ri.t * a.q_ts + ri.head * a.q_hs + x]) *
-              a.scale_log2;
-        }
-        q_s[i][x] = v;
-      }
-      int pos[ROWS];
-#pragma unroll
-      for (int i = 0; i < ROWS; ++i) pos[i] = i < n ? rows_s[r0 + i].pos : -1;
-      __syncthreads();
+      const int kend = min(k1, max_pos + 1);  // > k0: every row reaches k0
+      if (!primed) prime(kend);
+      primed = false;
 
-      float m[ROWS], l[ROWS], acc[ROWS][8];
+      // Q^T as the B operand (16 dims x 8 rows) of k-step s: lane (g, q)
+      // holds dims 16 s + 2q, +1 and 16 s + 8 + 2q, +1 of row g, i.e. words
+      // 8 s + q and 8 s + 4 + q of the query row. Rows past n are zero.
+      uint32_t qf[kSteps][2];
+      if (gid < n) {
+        const RowInfo& ri = rows_s[r0 + gid];
+        const auto* qw = reinterpret_cast<const uint32_t*>(static_cast<const T*>(a.q) +
+                                                           ri.t * a.q_ts + ri.head * a.q_hs);
 #pragma unroll
-      for (int i = 0; i < ROWS; ++i) {
-        m[i] = -INFINITY;
-        l[i] = 0.0f;
+        for (int s = 0; s < kSteps; ++s) {
+          qf[s][0] = qw[8 * s + quad];
+          qf[s][1] = qw[8 * s + 4 + quad];
+        }
+      } else {
 #pragma unroll
-        for (int x = 0; x < 8; ++x) acc[i][x] = 0.0f;
+        for (int s = 0; s < kSteps; ++s) qf[s][0] = qf[s][1] = 0u;
       }
-      // This warp's steps start at first, first + kStep, ... (< kend).
-      const int first = k0 + warp * kKeysPerWarp * kKeyLoads;
-      // Page-table entries of a step's keys (unused for keys >= kend).
-      auto lookup = [&](int base, int64_t(&page)[kKeyLoads]) {
+      // The last key of each of this lane's rows 2q, 2q + 1 (-1: padding).
+      int lim[2];
 #pragma unroll
-        for (int u = 0; u < kKeyLoads; ++u) {
-          const int key = base + u * kKeysPerWarp + sub;
-          page[u] = key < kend ? a.c.page_of(b, key) : 0;
-        }
-      };
-      // Copies a step's K/V vectors of this thread into ring stage `stage`
-      // (keys >= kend are skipped; the compute reads zeros for them) and
-      // commits them as one group (possibly empty, so group i is step i).
-      auto issue = [&](int stage, int base, const int64_t(&page)[kKeyLoads]) {
+      for (int e = 0; e < 2; ++e) {
+        const int r = 2 * quad + e;
+        lim[e] = r < n ? min(rows_s[r0 + r].pos, kend - 1) : -1;
+      }
+
+      // O^T accumulators: o[s][e] is dim 16 s + g + 8 (e / 2) of row 2q + e % 2.
+      float o[kSteps][4];
 #pragma unroll
-        for (int u = 0; u < kKeyLoads; ++u) {
-          const int key = base + u * kKeysPerWarp + sub;
-          if (key < kend) {
-            uint4* slot = ring + (stage * kKeyLoads + u) * 2 * kThreads + threadIdx.x;
-            detail::cp_async16(detail::smem_u32(slot),
-                               kbase + a.c.row_in_page(page[u], a.c.k_ps, a.c.k_rs, key), true);
-            detail::cp_async16(detail::smem_u32(slot + kThreads),
-                               vbase + a.c.row_in_page(page[u], a.c.v_ps, a.c.v_rs, key), true);
-          }
-        }
-        detail::cp_async_commit();
-      };
-      static_assert(kStages == 3, "the prologue below fills kStages - 1 = 2 steps");
-      int64_t page[kKeyLoads], page_next[kKeyLoads];
-      lookup(first, page);
-      lookup(first + kStep, page_next);
-      issue(0, first, page);
-      issue(1, first + kStep, page_next);
-      lookup(first + 2 * kStep, page);  // issued in the first iteration
+      for (int s = 0; s < kSteps; ++s) o[s][0] = o[s][1] = o[s][2] = o[s][3] = 0.0f;
+      float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // base-2 scaled scores
       int stage = 0;
-      for (int base = first; base < kend; base += kStep) {
-        // Groups of steps up to this one's + 1 are committed: this one's is
-        // done when at most 1 is pending. The stage refilled next is the one
-        // computed in the previous iteration (its values already consumed).
+      for (int i = 0; tile_key(i) < kend; ++i) {
+        // Tile i's group is complete when at most kStages - 2 are pending;
+        // __syncwarp makes every lane's copies visible to the warp and
+        // orders the last tile's reads before the refill of its stage.
         cp_async_wait<kStages - 2>();
-        issue(stage == 0 ? kStages - 1 : stage - 1, base + 2 * kStep, page);
-        lookup(base + 3 * kStep, page);  // in flight during this step's compute
-        uint4 kr[kKeyLoads], vr[kKeyLoads];
-        int key[kKeyLoads];
-#pragma unroll
-        for (int u = 0; u < kKeyLoads; ++u) {
-          key[u] = base + u * kKeysPerWarp + sub;
-          if (key[u] < kend) {
-            const uint4* slot = ring + (stage * kKeyLoads + u) * 2 * kThreads + threadIdx.x;
-            kr[u] = slot[0];
-            vr[u] = slot[kThreads];
-          } else {
-            kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
-          }
-        }
+        __syncwarp();
+        issue(stage == 0 ? kStages - 1 : stage - 1, i + kStages - 1, next_src, kend);
+        next_src = locate(i + kStages, kend);  // in flight during this tile's compute
+        const uint32_t kt = ring + stage * kStageBytes, vt = kt + kTileBytes;
         stage = stage == kStages - 1 ? 0 : stage + 1;
-        float kf[kKeyLoads][8], vf[kKeyLoads][8];
+
+        // S^T = K Q^T, two accumulators (even / odd k-steps) to halve the
+        // dependent mma chain. s[e]: key g + 8 (e / 2), row 2q + e % 2.
+        float sa[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        for (int u = 0; u < kKeyLoads; ++u) {
-          to_floats<T>(kr[u], kf[u]);
-          to_floats<T>(vr[u], vf[u]);
+        for (int s = 0; s < kSteps; ++s) {
+          uint32_t kf[4];
+          detail::ldmatrix_x4(kf, kt + k_row * kRowBytes + (((2 * s + k_half) ^ swz) << 4));
+          detail::mma16816<T>((s & 1) != 0 ? sb : sa, kf, qf[s][0], qf[s][1]);
         }
+        const int key = tile_key(i) + gid;
+        float x[4];
 #pragma unroll
-        for (int i = 0; i < ROWS; ++i) {
-          if (i >= n) break;  // CTA-uniform
-          const float4 qa = *reinterpret_cast<const float4*>(&q_s[i][part * 8]);
-          const float4 qb = *reinterpret_cast<const float4*>(&q_s[i][part * 8 + 4]);
-          const float qv[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
-          float s[kKeyLoads];
+        for (int e = 0; e < 4; ++e)
+          x[e] = key + 8 * (e >> 1) <= lim[e & 1] ? (sa[e] + sb[e]) * a.scale_log2 : -INFINITY;
+        // Online softmax per row over the tile: the row's 16 keys are spread
+        // over the 8 lanes of equal q (lane bits 2-4).
+        float alpha[2], ref[2];
 #pragma unroll
-          for (int u = 0; u < kKeyLoads; ++u) {
-            float dot = 0.0f;
+        for (int e = 0; e < 2; ++e) {
+          float mx = fmaxf(x[e], x[e + 2]);
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+          const float m_new = fmaxf(m[e], mx);
+          ref[e] = m_new == -INFINITY ? 0.0f : m_new;  // no -inf - -inf
+          alpha[e] = detail::fast_exp2(m[e] - ref[e]);
+          m[e] = m_new;
+        }
+        float p[4];
 #pragma unroll
-            for (int x = 0; x < 8; ++x) dot = fmaf(qv[x], kf[u][x], dot);
+        for (int e = 0; e < 4; ++e) p[e] = detail::fast_exp2(x[e] - ref[e & 1]);
+        // l is this lane's share of the row sum (its two keys per tile); the
+        // lanes' shares are added once after the loop.
+        l[0] = fmaf(l[0], alpha[0], p[0] + p[2]);
+        l[1] = fmaf(l[1], alpha[1], p[1] + p[3]);
 #pragma unroll
-            for (int o = kLanesPerKey / 2; o > 0; o >>= 1)
-              dot += __shfl_xor_sync(0xffffffffu, dot, o);
-            s[u] = key[u] < kend && key[u] <= pos[i] ? dot : -INFINITY;
-          }
-          float mx = s[0];
+        for (int s = 0; s < kSteps; ++s) {
+          o[s][0] *= alpha[0];
+          o[s][1] *= alpha[1];
+          o[s][2] *= alpha[0];
+          o[s][3] *= alpha[1];
+        }
+        // P^T as the B operand (16 keys x 8 rows): b0 holds keys 2q, 2q + 1
+        // of row g, b1 keys 8 + 2q, +1. The accumulator holds the transpose
+        // of that layout for each 8x8 half (key g, rows 2q, 2q + 1).
+        const uint32_t pb0 = transpose8x8(detail::pack2<T>(p[0], p[1]));
+        const uint32_t pb1 = transpose8x8(detail::pack2<T>(p[2], p[3]));
 #pragma unroll
-          for (int u = 1; u < kKeyLoads; ++u) mx = fmaxf(mx, s[u]);
-          const float m_new = fmaxf(m[i], mx);
-          const bool any = m_new != -INFINITY;
-          const float alpha = any ? detail::fast_exp2(m[i] - m_new) : 1.0f;
-          float p[kKeyLoads], psum = 0.0f;
-#pragma unroll
-          for (int u = 0; u < kKeyLoads; ++u) {
-            p[u] = any ? detail::fast_exp2(s[u] - m_new) : 0.0f;
-            psum += p[u];
-          }
-          l[i] = l[i] * alpha + psum;
-          m[i] = m_new;
-#pragma unroll
-          for (int x = 0; x < 8; ++x) {
-            float o = acc[i][x] * alpha;
-#pragma unroll
-            for (int u = 0; u < kKeyLoads; ++u) o = fmaf(p[u], vf[u][x], o);
-            acc[i][x] = o;
-          }
+        for (int s = 0; s < kSteps; ++s) {
+          uint32_t vf[4];
+          detail::ldmatrix_x4_trans(vf, vt + v_row * kRowBytes + (((2 * s + v_half) ^ swz) << 4));
+          detail::mma16816<T>(o[s], vf, pb0, pb1);
         }
       }
-      // Merge the CTA's key streams per row; write the normalized partial.
-      // acc_s overlays the ring, which other threads may still be reading.
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 4);
+        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 8);
+        l[e] += __shfl_xor_sync(0xffffffffu, l[e], 16);
+      }
+
+      // Merge the warps' partials per row; write the normalized partial.
+      // acc_s overlays the ring: every copy must have landed and every warp
+      // finished its tiles.
       detail::cp_async_wait_all();
       __syncthreads();
+      float* const acc_w = acc_s + warp * kRows * kAcc;
 #pragma unroll
-      for (int i = 0; i < ROWS; ++i) {
-        if (i >= n) break;
-        if (part == 0) {
-          m_s[stream_id][i] = m[i];
-          l_s[stream_id][i] = l[i];
+      for (int s = 0; s < kSteps; ++s)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          acc_w[(2 * quad + (e & 1)) * kAcc + 16 * s + gid + 8 * (e >> 1)] = o[s][e];
+      if (gid == 0) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          m_s[warp][2 * quad + e] = m[e];
+          l_s[warp][2 * quad + e] = l[e];
         }
-#pragma unroll
-        for (int x = 0; x < 8; ++x) acc_s[stream_id][i][part * 8 + x] = acc[i][x];
       }
       __syncthreads();
-      for (int e = threadIdx.x; e < n * D; e += blockDim.x) {
-        const int i = e / D, x = e % D;
+      if (static_cast<int>(threadIdx.x) < n) {
+        // Every row reads key k0 (warp 0's first tile): its maximum is finite.
+        const int i = static_cast<int>(threadIdx.x);
         float mm = -INFINITY;
-        for (int s = 0; s < kSlots; ++s) mm = fmaxf(mm, m_s[s][i]);
-        float ll = 0.0f, o = 0.0f;
-        for (int s = 0; s < kSlots; ++s) {
-          if (m_s[s][i] == -INFINITY) continue;  // this stream saw no key of the row
-          const float w = detail::fast_exp2(m_s[s][i] - mm);
-          ll = fmaf(l_s[s][i], w, ll);
-          o = fmaf(acc_s[s][i][x], w, o);
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, m_s[w][i]);
+        float wt[kWarps], ll = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          // A warp whose tiles are all past the row's position saw no key.
+          wt[w] = m_s[w][i] == -INFINITY ? 0.0f : detail::fast_exp2(m_s[w][i] - mm);
+          ll = fmaf(l_s[w][i], wt[w], ll);
         }
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) w_s[w][i] = wt[w] / ll;
+        lse_s[i] = mm + __log2f(ll);
+      }
+      __syncthreads();
+      for (int e = threadIdx.x; e < n * D; e += kThreads) {
+        const int i = e / D, x = e % D;
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w)
+          sum = fmaf(acc_s[(w * kRows + i) * kAcc + x], w_s[w][i], sum);
         const RowInfo& ri = rows_s[r0 + i];
         const int64_t at_row =
             (static_cast<int64_t>(ri.t - a.t_begin) * g.heads_q + ri.head) * slots + ri.slot;
-        a.part_o[at_row * D + x] = o / ll;
-        if (x == 0) a.part_lse[at_row] = mm + __log2f(ll);
+        a.part_o[at_row * D + x] = sum;
+        if (x == 0) a.part_lse[at_row] = lse_s[i];
       }
       // Count this CTA's partials; the one that completes a row merges it.
       __threadfence();
       __syncthreads();
-      if (threadIdx.x < ROWS) {
+      if (threadIdx.x < kRows) {
         int merge = 0;
         if (static_cast<int>(threadIdx.x) < n) {
           const RowInfo& ri = rows_s[r0 + threadIdx.x];
@@ -923,10 +1082,13 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const AttendArgs a) {
       __syncthreads();
       for (int i = 0; i < n; ++i)
         if (last_s[i] > 0)  // CTA-uniform
-          merge_row<T, D>(a, rows_s[r0 + i].t, rows_s[r0 + i].head, last_s[i], &acc_s[0][0][0]);
-      __syncthreads();
+          merge_row<T, D>(a, rows_s[r0 + i].t, rows_s[r0 + i].head, last_s[i], acc_s);
+      __syncthreads();  // rows_s, acc_s and the ring are reused
     }
   }
+  // No pass ran (no row of this launch reads the chunk): the speculative
+  // copies must land before the CTA's shared memory is given up.
+  detail::cp_async_wait_all();
 }
 
 struct BytesArgs {
@@ -1031,6 +1193,9 @@ CacheArgs cache_args(const core::Cache& c) {
   a.table_ss = c.table_seq_stride;
   a.table_ps = c.table_page_stride;
   a.page_size = static_cast<int>(std::min<int64_t>(c.page_size, INT32_MAX));
+  a.page_shift = -1;
+  for (int shift = 0; shift < 31; ++shift)
+    if (a.page_size == 1 << shift) a.page_shift = shift;
   a.num_pages = static_cast<int>(c.num_pages);
   a.capacity = static_cast<int>(c.capacity);
   a.seqlens = c.seqlens;
@@ -1210,6 +1375,92 @@ void check_queries(const core::Cache& c, const core::Decode& d) {
     fail(Status::unsupported, "q: the cuda backend supports total_q x Hq < 2^31");
 }
 
+using AttendKernel = void (*)(AttendArgs);
+
+// What the host needs of an attention kernel on a device: queried once per
+// (device, kernel) and kept, since every eager decode step would otherwise
+// pay for cudaFuncSetAttribute and the occupancy query.
+struct AttendFacts {
+  int resident = 1;  // CTAs per SM (occupancy API with the kernel's shared memory)
+  int sms = 1;
+};
+
+AttendFacts attend_facts(AttendKernel kernel, int smem, int device) {
+  struct Known {
+    int device;
+    AttendKernel kernel;
+    AttendFacts facts;
+  };
+  static std::mutex mutex;
+  static std::vector<Known> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const Known& k : known)
+    if (k.device == device && k.kernel == kernel) return k.facts;
+  // Static + dynamic shared memory exceeds the default 48 KB: opt in (not a
+  // stream operation, so allowed during graph capture). The attribute stays
+  // set for the device's context.
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+        "cudaFuncSetAttribute (decode attention shared memory)");
+  AttendFacts f;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&f.resident, kernel, kThreads,
+                                                      static_cast<size_t>(smem)),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  f.resident = std::max(f.resident, 1);
+  f.sms = std::max(host::multiprocessors(device), 1);
+  known.push_back({device, kernel, f});
+  return f;
+}
+
+// Keys per split-K chunk when a unit of `unit` keys is cut into `split`
+// chunks: a multiple of the 16-key tile (the last chunk may be shorter).
+int64_t chunk_keys(int64_t unit, int64_t split) {
+  const int64_t chunk = (unit + split - 1) / split;
+  return std::min<int64_t>(unit, (chunk + kTileKeys - 1) / kTileKeys * kTileKeys);
+}
+
+// Split-K: chunks per unit for `items` work items of `unit` keys of
+// `key_bytes` (K and V) each, by a cost model of the launch. The CTAs run in
+// waves of `slots` = SMs x resident CTAs; a wave of n CTAs streaming c keys
+// each takes F + n c / min(n, A) key-times, where a key-time is what one CTA
+// needs for a key when it has the DRAM to itself (its cp.async ring is then
+// the limit), A = SMs is the number of CTAs assumed to keep the DRAM busy
+// (each keeps ~48-64 KB in flight; one per SM is several MB in all), and F
+// the per-CTA fixed cost (kCtaFixedBytes: row search, pipeline fill, merge).
+// So a wave of at least A CTAs is bandwidth-bound, a smaller one (a tail)
+// is bound by its CTAs, and each wave adds F: the model prefers few waves
+// with no thin tail, e.g. config P at batch 1 with shared routing (96 items,
+// 132 SMs x 2) gets 2 chunks of 2,048 keys (one wave of 192 CTAs), at batch
+// 8 (768 items) whole blocks (3 waves). MOBA_CUDA_DECODE_SPLIT forces the
+// split (chunks of at least one tile), for tests and measurements.
+int64_t choose_split(int64_t items, int64_t unit, int64_t key_bytes, const AttendFacts& f) {
+  const int64_t forced = env_bytes("MOBA_CUDA_DECODE_SPLIT", 0);
+  if (forced > 0) return std::min(forced, (unit + kTileKeys - 1) / kTileKeys);
+  items = std::max<int64_t>(items, 1);
+  const int64_t slots = int64_t{f.sms} * f.resident;
+  const double saturating = f.sms;
+  const double fixed = kCtaFixedBytes / static_cast<double>(key_bytes);
+  // More than 8 waves' worth of CTAs only adds fixed costs.
+  const int64_t max_split = std::clamp<int64_t>((unit + kMinChunk - 1) / kMinChunk, 1,
+                                                std::max<int64_t>(1, 8 * slots / items));
+  int64_t best = 1;
+  double best_cost = 0.0;
+  for (int64_t s = 1; s <= max_split; ++s) {
+    const int64_t chunk = chunk_keys(unit, s);
+    if ((unit + chunk - 1) / chunk != s) continue;  // the same chunks as a smaller split
+    const int64_t ctas = items * s, full = ctas / slots, rest = ctas % slots;
+    const auto wave = [&](int64_t n) {
+      return fixed + static_cast<double>(n) * static_cast<double>(chunk) /
+                         std::min(static_cast<double>(n), saturating);
+    };
+    const double cost = static_cast<double>(full) * wave(slots) + (rest > 0 ? wave(rest) : 0.0);
+    if (s == 1 || cost < best_cost) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
 }  // namespace
 
 void kv_append(const core::Cache& c, const core::Append& a, void* stream_handle) {
@@ -1266,38 +1517,21 @@ void kv_decode(const core::Cache& c, const core::Decode& d, const core::Rows& ou
   plan(call, c, d, /*attention=*/true);
   Geometry& g = call.g;
 
-  // Rows per pass: 4 when a kv group's rows of a decode step fit, else 8.
-  const bool wide = d.group > 4 || d.total_q > c.batch;
-  using Kernel = void (*)(AttendArgs);
-  Kernel kernel = nullptr;
+  AttendKernel kernel = nullptr;
   int smem = 0;
   by_dtype_and_dim(c.dtype, c.head_dim, [&](auto elem, auto dim) {
     using T = decltype(elem);
     constexpr int D = decltype(dim)::value;
-    kernel = wide ? attend_kernel<T, D, 8> : attend_kernel<T, D, 4>;
-    smem = wide ? attend_smem_bytes<D, 8>() : attend_smem_bytes<D, 4>();
+    kernel = attend_kernel<T, D>;
+    smem = attend_smem_bytes<D>();
   });
-  // Static + dynamic shared memory exceeds the default 48 KB: opt in (not a
-  // stream operation, so allowed during graph capture).
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-        "cudaFuncSetAttribute (decode attention shared memory)");
+  const AttendFacts facts = attend_facts(kernel, smem, c.device.index);
 
-  // Split-K: enough CTAs for kWaves of the resident CTA slots (so the last,
-  // partial wave costs at most ~1/kWaves), chunks of at least kMinChunk keys.
   // Items: the work-list bound (routed; exact for a decode step with shared
   // routing) or every unit (dense).
-  int resident = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads,
-                                                      static_cast<size_t>(smem)),
-        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  const int64_t target =
-      int64_t{kWaves} * host::multiprocessors(c.device.index) * std::max(resident, 1);
   const int64_t items = call.routed ? call.item_cap : c.batch * c.heads_kv * int64_t{g.units};
-  const int64_t max_split = std::max<int64_t>(1, (g.unit + kMinChunk - 1) / kMinChunk);
-  int64_t split =
-      std::clamp<int64_t>((target + items - 1) / std::max<int64_t>(items, 1), 1, max_split);
-  int64_t chunk = (g.unit + split - 1) / split;
-  chunk = std::min<int64_t>(g.unit, (chunk + 63) / 64 * 64);
+  const int64_t split = choose_split(items, g.unit, c.head_dim * 4, facts);
+  const int64_t chunk = chunk_keys(g.unit, split);
   g.chunk = static_cast<int>(chunk);
   g.split = static_cast<int>((g.unit + chunk - 1) / chunk);
   const int64_t grid_x = (call.routed ? call.item_cap : int64_t{g.units}) * g.split;

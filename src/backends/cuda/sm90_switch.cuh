@@ -24,6 +24,22 @@ bool sm90_attention_wanted(bool dense, int block_size);
 /// other threads.
 void set_sm90_attention_override(int allow);
 
+/// K/V pipeline stages of the Hopper kernel unless MOBA_CUDA_SM90_STAGES=2
+/// (the first version's two stages with two Q buffers) or the override says
+/// otherwise (attention_sm90.cu and docs/cuda_forward.md say why).
+inline constexpr int kSm90DefaultStages = 3;
+
+/// Overrides MOBA_CUDA_SM90_STAGES for this process: 2 or 3 pins the stage
+/// count, anything else goes back to the environment's choice. For tests and
+/// A/B runs in one process; like set_sm90_attention_override, not meant to
+/// be changed while forwards are in flight on other threads.
+void set_sm90_stages_override(int stages);
+
+/// Overrides MOBA_CUDA_SM90_OVERLAP for this process: 1 turns the consumers'
+/// intra-warpgroup overlap on, 0 off, -1 goes back to the environment's
+/// choice (default off). Same caveat as above.
+void set_sm90_overlap_override(int overlap);
+
 /// Whether the current device can run the Hopper kernel: compute capability
 /// 9.x and sm_90a code for it in this binary (regardless of the switch).
 bool sm90_attention_supported();

@@ -286,8 +286,9 @@ TEST(CudaDecode, RandomShapes) {
     Shape s;
     s.dtype = rep % 2 == 0 ? DType::float16 : DType::bfloat16;
     s.head_dim = (rep / 2) % 2 == 0 ? 64 : 128;
-    const int64_t pages[] = {0, 0, 1, 2, 4, 16};
-    s.page_size = pages[std::uniform_int_distribution<int>(0, 5)(rng)];
+    // Pages smaller than, equal to and larger than the kernel's 16-key tile.
+    const int64_t pages[] = {0, 0, 1, 2, 4, 16, 32, 64};
+    s.page_size = pages[std::uniform_int_distribution<int>(0, 7)(rng)];
     s.seed = rng();
     const int batch = std::uniform_int_distribution<int>(1, 4)(rng);
     for (int b = 0; b < batch; ++b)
@@ -295,9 +296,10 @@ TEST(CudaDecode, RandomShapes) {
                            ? std::uniform_int_distribution<int>(0, 1)(rng)  // empty or 1 token
                            : std::uniform_int_distribution<int>(2, 160)(rng));
     if (*std::max_element(s.lens.begin(), s.lens.end()) == 0) s.lens[0] = 7;
-    const int64_t gqa[] = {1, 4, 8};
+    // Group 16: a decode step has more rows per kv group than one 8-row pass.
+    const int64_t gqa[] = {1, 4, 8, 16};
     s.heads_kv = std::uniform_int_distribution<int64_t>(1, 2)(rng);
-    s.heads_q = s.heads_kv * gqa[std::uniform_int_distribution<int>(0, 2)(rng)];
+    s.heads_q = s.heads_kv * gqa[std::uniform_int_distribution<int>(0, 3)(rng)];
     const int64_t unit = s.page_size == 0 ? 1 : s.page_size;
     s.block_size =
         unit * std::uniform_int_distribution<int64_t>(1, std::max<int64_t>(1, 40 / unit))(rng);
@@ -382,6 +384,84 @@ TEST(CudaDecode, SmallBudgetAndManyBlocks) {
   check_decode(f, {7, 8});  // chunked prefill, one token per launch
   f.append({3, 2});
   check_decode(f, {1, 1});
+}
+
+// Split-K chunks forced by MOBA_CUDA_DECODE_SPLIT (the launch would pick
+// other splits on a given GPU): chunks down to one 16-key tile, chunks that
+// give the CTA's 4 warps unequal tile counts, units whose last tile is cut
+// (blocks of 100 keys), whole 512-key blocks per CTA (each warp's cp.async
+// ring wraps around several times), pages smaller and larger than a tile
+// (powers of two, found by shifts, and not: 12 and 48, by divisions),
+// group 16 (two 8-row passes per chunk), dense, and chunked prefill (every
+// round decodes the tokens it appended, so key tiles are cut by each row's
+// position).
+TEST(CudaDecode, ForcedSplitsCutUnitsIntoShortChunks) {
+  SKIP_WITHOUT_GPU();
+  struct Case {
+    const char* split;
+    Shape shape;
+  };
+  std::vector<Case> cases(7);
+  cases[0].split = "3";  // chunks of 48, 48 and 4 keys
+  cases[0].shape.lens = {450, 233};
+  cases[0].shape.heads_q = 16;
+  cases[0].shape.heads_kv = 1;
+  cases[0].shape.block_size = 100;
+  cases[0].shape.page_size = 4;
+  cases[0].shape.top_k = 3;
+  cases[1].split = "7";  // 6 chunks of 80 keys (warps 2, 1, 1, 1 tiles) and one of 32
+  cases[1].shape.lens = {1100};
+  cases[1].shape.heads_q = 8;
+  cases[1].shape.heads_kv = 2;
+  cases[1].shape.head_dim = 128;
+  cases[1].shape.block_size = 512;
+  cases[1].shape.page_size = 32;
+  cases[1].shape.top_k = 2;  // one of the past blocks: the routing chooses
+  cases[1].shape.shared = true;
+  cases[1].shape.dtype = DType::bfloat16;
+  cases[2] = cases[1];
+  cases[2].split = "1";  // whole blocks: 32 tiles per CTA, 8 per warp
+  cases[2].shape.page_size = 64;
+  cases[2].shape.shared = false;
+  cases[2].shape.dtype = DType::float16;
+  cases[3].split = "32";  // more chunks than tiles: chunks of one tile
+  cases[3].shape.lens = {261, 77, 140};
+  cases[3].shape.heads_q = 4;
+  cases[3].shape.heads_kv = 1;
+  cases[3].shape.block_size = 40;
+  cases[3].shape.page_size = 8;
+  cases[3].shape.top_k = 2;
+  cases[3].shape.dtype = DType::bfloat16;
+  cases[4].split = "5";  // dense: units of 64 keys in chunks of 16
+  cases[4].shape.lens = {300, 130};
+  cases[4].shape.heads_q = 16;
+  cases[4].shape.heads_kv = 2;
+  cases[4].shape.head_dim = 128;
+  cases[4].shape.block_size = 16;
+  cases[4].shape.top_k = 100;
+  cases[5].split = "2";  // pages of 48 keys: whole tiles in one page, found by a division
+  cases[5].shape.lens = {500, 61};
+  cases[5].shape.heads_q = 8;
+  cases[5].shape.heads_kv = 2;
+  cases[5].shape.block_size = 144;
+  cases[5].shape.page_size = 48;
+  cases[5].shape.top_k = 2;
+  cases[5].shape.shared = true;
+  cases[6].split = "2";  // pages of 12 keys: every key looked up (a division each)
+  cases[6].shape.lens = {300, 100};
+  cases[6].shape.heads_q = 4;
+  cases[6].shape.heads_kv = 1;
+  cases[6].shape.head_dim = 128;
+  cases[6].shape.block_size = 36;
+  cases[6].shape.page_size = 12;
+  cases[6].shape.top_k = 3;
+  cases[6].shape.dtype = DType::bfloat16;
+  for (const Case& c : cases) {
+    const ScopedEnv split("MOBA_CUDA_DECODE_SPLIT", c.split);
+    SCOPED_TRACE(std::string("MOBA_CUDA_DECODE_SPLIT=") + c.split);
+    run_rounds(c.shape, true, 6);
+    if (::testing::Test::HasFailure()) return;
+  }
 }
 
 // One long sequence at batch 1: few (sequence, kv head, block) work items,

@@ -674,25 +674,54 @@ void expect_kernels_agree(const char* name, const Case& c) {
 // buffers, stage phases across tiles), tiles of <= 64 rows (one idle
 // consumer warpgroup), varlen with empty sequences, chunked prefill, GQA and
 // shared routing, D 64/128, bf16/fp16.
+const NamedCase kSm90Cases[] = {
+    {"past_block_4096_bf16_d128", make_case({40}, {9000}, 4, 1, 128, 4096, 2, bf16)},
+    {"past_block_4096_fp16_d64", make_case({200, 8}, {12000, 4100}, 8, 2, 64, 4096, 3, f16)},
+    {"past_many_tiles_fp16_d64", make_case({8192}, {}, 16, 4, 64, 256, 4, f16)},
+    {"past_many_tiles_bf16_d128", make_case({6000, 2100}, {}, 8, 2, 128, 128, 6, bf16)},
+    {"past_block_48_fp16_d128", make_case({2000, 300}, {}, 8, 2, 128, 48, 4, f16)},
+    {"past_shared_gqa8_bf16_d64", make_case({1500}, {}, 8, 1, 64, 64, 5, bf16, true)},
+    {"varlen_empty_bf16_d128", make_case({300, 0, 1, 517, 64}, {}, 8, 2, 128, 64, 3, bf16)},
+    {"current_tiny_blocks_bf16_d128", make_case({1000, 77}, {}, 4, 2, 128, 16, 1, bf16)},
+    {"current_block_1_fp16_d64", make_case({300, 3}, {}, 4, 1, 64, 1, 1, f16)},
+    {"current_block_300_fp16_d64", make_case({1000}, {1400}, 4, 4, 64, 300, 1, f16)},
+    {"dense_many_tiles_bf16_d128", make_case({3000, 1000}, {}, 8, 2, 128, 256, 100, bf16)},
+    {"dense_chunked_prefill_fp16_d64", make_case({100, 700}, {2000, 700}, 4, 4, 64, 128, 64, f16)},
+    {"dense_tiny_fp16_d128", make_case({1, 2, 65, 129}, {}, 2, 1, 128, 64, 100, f16)},
+};
+
 TEST(CudaForwardSm90, AgreesWithMmaSyncKernel) {
   SKIP_WITHOUT_SM90();
-  const NamedCase cases[] = {
-      {"past_block_4096_bf16_d128", make_case({40}, {9000}, 4, 1, 128, 4096, 2, bf16)},
-      {"past_block_4096_fp16_d64", make_case({200, 8}, {12000, 4100}, 8, 2, 64, 4096, 3, f16)},
-      {"past_many_tiles_fp16_d64", make_case({8192}, {}, 16, 4, 64, 256, 4, f16)},
-      {"past_many_tiles_bf16_d128", make_case({6000, 2100}, {}, 8, 2, 128, 128, 6, bf16)},
-      {"past_block_48_fp16_d128", make_case({2000, 300}, {}, 8, 2, 128, 48, 4, f16)},
-      {"past_shared_gqa8_bf16_d64", make_case({1500}, {}, 8, 1, 64, 64, 5, bf16, true)},
-      {"varlen_empty_bf16_d128", make_case({300, 0, 1, 517, 64}, {}, 8, 2, 128, 64, 3, bf16)},
-      {"current_tiny_blocks_bf16_d128", make_case({1000, 77}, {}, 4, 2, 128, 16, 1, bf16)},
-      {"current_block_1_fp16_d64", make_case({300, 3}, {}, 4, 1, 64, 1, 1, f16)},
-      {"current_block_300_fp16_d64", make_case({1000}, {1400}, 4, 4, 64, 300, 1, f16)},
-      {"dense_many_tiles_bf16_d128", make_case({3000, 1000}, {}, 8, 2, 128, 256, 100, bf16)},
-      {"dense_chunked_prefill_fp16_d64",
-       make_case({100, 700}, {2000, 700}, 4, 4, 64, 128, 64, f16)},
-      {"dense_tiny_fp16_d128", make_case({1, 2, 65, 129}, {}, 2, 1, 128, 64, 100, f16)},
-  };
-  for (const NamedCase& nc : cases) expect_kernels_agree(nc.name, nc.c);
+  for (const NamedCase& nc : kSm90Cases) expect_kernels_agree(nc.name, nc.c);
+}
+
+// Pins the Hopper kernel's pipeline variant (stages, intra-warpgroup
+// overlap) for a scope, then hands the choice back to the environment.
+class PinSm90Pipeline {
+ public:
+  PinSm90Pipeline(int stages, int overlap) {
+    cuda_detail::set_sm90_stages_override(stages);
+    cuda_detail::set_sm90_overlap_override(overlap);
+  }
+  ~PinSm90Pipeline() {
+    cuda_detail::set_sm90_stages_override(0);
+    cuda_detail::set_sm90_overlap_override(-1);
+  }
+  PinSm90Pipeline(const PinSm90Pipeline&) = delete;
+  PinSm90Pipeline& operator=(const PinSm90Pipeline&) = delete;
+};
+
+// Every pipeline variant (2 or 3 K/V stages, with and without the overlap)
+// against the mma.sync kernel on the same shapes, in one process, whatever
+// MOBA_CUDA_SM90_STAGES / MOBA_CUDA_SM90_OVERLAP say.
+TEST(CudaForwardSm90, PipelineVariantsAgreeWithMmaSyncKernel) {
+  SKIP_WITHOUT_SM90();
+  for (int stages : {2, 3})
+    for (int overlap : {0, 1}) {
+      SCOPED_TRACE("stages " + std::to_string(stages) + ", overlap " + std::to_string(overlap));
+      const PinSm90Pipeline pin(stages, overlap);
+      for (const NamedCase& nc : kSm90Cases) expect_kernels_agree(nc.name, nc.c);
+    }
 }
 
 // The whole named sweep and the dense oracle with the Hopper kernel pinned:
