@@ -698,13 +698,14 @@ int sm90_stages() {
   return forced != 0 ? forced : env_value;
 }
 
-// The consumers' intra-warpgroup overlap: off by default (not measured on
-// the device yet), MOBA_CUDA_SM90_OVERLAP=1 turns it on (read once),
+// The consumers' intra-warpgroup overlap: on by default (H100: config P at
+// 1M 1,656 -> 1,531 ms, dense switch at 128K 282 -> 268 ms),
+// MOBA_CUDA_SM90_OVERLAP=0 turns it off (read once),
 // set_sm90_overlap_override for tests.
 bool sm90_overlap() {
   static const bool env_value = [] {
     const char* v = std::getenv("MOBA_CUDA_SM90_OVERLAP");
-    return v != nullptr && std::strcmp(v, "1") == 0;
+    return v == nullptr || std::strcmp(v, "0") != 0;
   }();
   const int forced = g_sm90_overlap_override.load(std::memory_order_relaxed);
   return forced >= 0 ? forced != 0 : env_value;

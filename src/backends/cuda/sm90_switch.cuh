@@ -37,7 +37,7 @@ void set_sm90_stages_override(int stages);
 
 /// Overrides MOBA_CUDA_SM90_OVERLAP for this process: 1 turns the consumers'
 /// intra-warpgroup overlap on, 0 off, -1 goes back to the environment's
-/// choice (default off). Same caveat as above.
+/// choice (default on; MOBA_CUDA_SM90_OVERLAP=0 turns it off). Same caveat as above.
 void set_sm90_overlap_override(int overlap);
 
 /// Whether the current device can run the Hopper kernel: compute capability
