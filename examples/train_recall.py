@@ -12,7 +12,9 @@ places among filler tokens; at its end every key is asked again, in a new order,
 and the model must name its value. A pair occupies one position whose input is
 the sum of the key's and the value's token embeddings (a query: the key's plus a
 query marker's), so finding the pair that matches a query is one attention hop;
-``--repeats`` states each pair several times within its stretch of the context.
+``--repeats`` states each pair several times within its stretch of the context, and
+``--repeat-fraction`` states it over a passage (a contiguous run of positions) that
+is a fixed fraction of that stretch, so the longer the sequence, the longer the passage.
 Training starts on short sequences and grows them (``--stages``), because a model
 that starts at thousands of tokens does not find the pairs at all in a few hundred
 steps. Every batch is drawn fresh, so the training accuracy is also accuracy on
@@ -20,6 +22,7 @@ unseen sequences.
 
     python3 examples/train_recall.py --device cuda --out-dir /tmp/train       # up to 16K tokens
     python3 examples/train_recall.py --device cuda --repeats 4 --out-dir /tmp/train_r4
+    python3 examples/train_recall.py --device cuda --repeat-fraction 0.0625 --out-dir /tmp/pf
     python3 examples/train_recall.py --device cpu --reduced --out-dir /tmp/r  # 1K tokens, minutes
     python3 examples/train_recall.py --device cpu --tiny --out-dir /tmp/tiny  # CI smoke run
     python3 examples/train_recall.py --plot-only /tmp/train/train_recall.json
@@ -65,7 +68,8 @@ class Settings:
     stages: tuple[tuple[int, int], ...]  # (sequence length, steps), in order
     tokens_per_step: int
     pairs: int
-    repeats: int
+    repeats: int  # scattered places of each pair in its segment
+    repeat_fraction: float  # 0, or the passage of each pair as a fraction of its segment
     layers: int
     hidden: int
     heads: int
@@ -116,6 +120,30 @@ class Settings:
     def batch_of(self, seq_len: int) -> int:
         return max(1, self.tokens_per_step // seq_len)
 
+    def segment_of(self, seq_len: int) -> int:
+        """Context positions per pair at length ``seq_len`` (its stretch of the context)."""
+        return (seq_len - self.pairs) // self.pairs
+
+    def places_of(self, seq_len: int) -> int:
+        """Positions holding each pair at length ``seq_len``: ``repeats``, or with
+        ``repeat_fraction`` that fraction of the segment (at least one)."""
+        if self.repeat_fraction:
+            return max(1, round(self.repeat_fraction * self.segment_of(seq_len)))
+        return self.repeats
+
+    def placement(self) -> str:
+        """How the pairs are laid out, in words (for the run's printed summary)."""
+        if self.repeat_fraction:
+            places = ", ".join(str(self.places_of(n)) for n, _ in self.stages)
+            lengths = ", ".join(str(n) for n, _ in self.stages)
+            return (
+                f"each over a passage of {self.repeat_fraction:g} of its segment: "
+                f"{places} places at {lengths} tokens"
+            )
+        if self.repeats > 1:
+            return f"each at {self.repeats} scattered places of its segment"
+        return "each at one place of its segment"
+
 
 # --------------------------------------------------------------------------
 # The task
@@ -142,16 +170,19 @@ def make_batch(settings: Settings, step: int) -> Batch:
     runs see the same data in the same order. Its length is the step's stage's.
 
     Layout of a sequence of length T: ``T - pairs`` context positions (filler, with
-    the pairs at random offsets, each pair at ``repeats`` distinct places of its own
-    one of ``pairs`` equal segments, so that the pairs are spread over the whole
-    context), then ``pairs`` queries: every key once, in a new random order. The
-    model answers each query at its position.
+    the pairs at random offsets, each pair at ``places_of(T)`` places of its own one
+    of ``pairs`` equal segments, so that the pairs are spread over the whole context),
+    then ``pairs`` queries: every key once, in a new random order. The model answers
+    each query at its position. The places are ``repeats`` distinct random ones
+    (scattered), or with ``repeat_fraction`` one contiguous run (a passage) at a
+    random offset of the segment.
     """
     s = settings
     seq_len = s.stages[s.stage_of(step)][0]
     batch = s.batch_of(seq_len)
     context = seq_len - s.pairs
-    segment = context // s.pairs
+    segment = s.segment_of(seq_len)
+    places_per_pair = s.places_of(seq_len)
     generator = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
     ids = torch.randint(0, s.filler_vocab, (batch, seq_len), generator=generator)
     extra = torch.zeros((batch, seq_len), dtype=torch.long)
@@ -162,8 +193,15 @@ def make_batch(settings: Settings, step: int) -> Batch:
         # Distinct keys (a key asked twice would have two right answers), any values.
         keys = key_base + torch.randperm(s.key_vocab, generator=generator)[: s.pairs]
         values = value_base + torch.randint(0, s.value_vocab, (s.pairs,), generator=generator)
-        # [pairs, repeats]: distinct places in each pair's segment, all holding the pair.
-        if s.repeats == 1:
+        # [pairs, places_per_pair]: distinct places in each pair's segment, all
+        # holding the pair. A passage is contiguous, as a fact discussed over a
+        # stretch of text is: MoBA's blocks then see it together.
+        if s.repeat_fraction:
+            starts = torch.randint(
+                0, segment - places_per_pair + 1, (s.pairs, 1), generator=generator
+            )
+            offsets = starts + torch.arange(places_per_pair)
+        elif s.repeats == 1:
             offsets = torch.randint(0, segment, (s.pairs, 1), generator=generator)
         else:
             offsets = torch.stack(
@@ -314,6 +352,7 @@ class Run:
                 {
                     "seq_len": length,
                     "batch": s.batch_of(length),
+                    "places_per_pair": s.places_of(length),
                     "steps_done": last - first,
                     "loss_mean_last": round(sum(self.loss[last - tail : last]) / tail, 5),
                     "accuracy_mean_last": round(sum(self.accuracy[last - tail : last]) / tail, 5),
@@ -468,8 +507,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for axes in (loss_axes, accuracy_axes):
         axes.grid(alpha=0.3)
         axes.legend()
+    # JSONs written before --repeats / --repeat-fraction existed lack them.
+    if s.get("repeat_fraction"):
+        stated = f" (each over {s['repeat_fraction']:g} of its segment)"
+    elif s.get("repeats", 1) > 1:
+        stated = f" (each {s['repeats']} times)"
+    else:
+        stated = ""
     figure.suptitle(
-        f"{s['layers']}-layer Llama, up to {s['stages'][-1][0]} tokens, {s['pairs']} pairs; "
+        f"{s['layers']}-layer Llama, up to {s['stages'][-1][0]} tokens, {s['pairs']} pairs"
+        f"{stated}; "
         f"MoBA block {s['block_size']}, top-k {s['top_k']}  ({result['device']})",
         fontsize=10,
     )
@@ -548,6 +595,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         stages=parse_stages(values.pop("stages")),
         pairs=args.pairs,
         repeats=args.repeats,
+        # Left out: off (0). Given, it must be a fraction in (0, 0.5]: check() says so
+        # for every value but 0, which it cannot tell from "left out".
+        repeat_fraction=0.0 if args.repeat_fraction is None else args.repeat_fraction,
         layers=args.layers,
         hidden=args.hidden,
         heads=args.heads,
@@ -566,6 +616,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         dtype="float32" if device == "cpu" else "bfloat16",
         **values,
     )
+    if args.repeat_fraction is not None and args.repeat_fraction == 0:
+        raise SystemExit(
+            "--repeat-fraction: expected 0 < F <= 0.5, got 0 (leave it out for no passages)"
+        )
     check(s)
     return s
 
@@ -577,16 +631,28 @@ def check(s: Settings) -> None:
             raise SystemExit(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(s, name)}")
     if s.pairs > s.key_vocab:
         raise SystemExit(f"--pairs: expected 1..--key-vocab ({s.key_vocab}), got {s.pairs}")
+    # 0 is off; a passage longer than half the segment would leave little room to
+    # place it (a segment that is all passage tells the model where to look).
+    if not 0 <= s.repeat_fraction <= 0.5:
+        raise SystemExit(f"--repeat-fraction: expected 0 < F <= 0.5, got {s.repeat_fraction}")
+    if s.repeat_fraction and s.repeats > 1:
+        raise SystemExit(
+            f"--repeat-fraction and --repeats {s.repeats}: expected one of them (a passage "
+            "of each pair, or scattered repeats), not both"
+        )
     for length, steps in s.stages:
         if steps < 1:
             raise SystemExit(f"--stages: expected >= 1 step per stage, got {length}:{steps}")
-        # Each pair's segment must hold its `repeats` places; the queries follow.
-        needed = (s.repeats + 1) * s.pairs
+        # Each pair's segment must hold its places; the queries follow. A passage
+        # is at most half its segment, so it fits any segment of one or more positions.
+        places = s.places_of(length)
+        needed = (places + 1) * s.pairs
         if length < needed:
+            rule = "2 * --pairs" if s.repeat_fraction else "(--repeats + 1) * --pairs"
             raise SystemExit(
                 f"--stages: a {length}-token stage has no room for {s.pairs} pairs "
-                f"({s.repeats} places each) and their queries; expected lengths >= "
-                f"(--repeats + 1) * --pairs ({needed})"
+                f"({places} places each) and their queries; expected lengths >= "
+                f"{rule} ({needed})"
             )
     if s.heads % s.kv_heads:
         raise SystemExit(f"--kv-heads: expected a divisor of --heads ({s.heads}), got {s.kv_heads}")
@@ -604,7 +670,7 @@ def check(s: Settings) -> None:
         raise SystemExit(f"--device: expected cpu or cuda[:N], got {s.device!r}")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -647,7 +713,14 @@ def parse_args() -> argparse.Namespace:
         "--repeats",
         type=int,
         default=1,
-        help="places of each pair in its segment (a restated fact)",
+        help="places of each pair in its segment, scattered (a restated fact)",
+    )
+    group.add_argument(
+        "--repeat-fraction",
+        type=float,
+        help="state each pair over a passage: a contiguous run of max(1, round(F * segment)) "
+        "places at a random offset of its segment, so it grows with the stage's length "
+        "(0 < F <= 0.5; not with --repeats > 1; default: off)",
     )
     group.add_argument("--key-vocab", type=int, default=64, help="distinct keys, >= --pairs")
     group.add_argument("--value-vocab", type=int, default=16, help="distinct values")
@@ -680,7 +753,7 @@ def parse_args() -> argparse.Namespace:
     group.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--log-every", type=int, default=25, help="print every N steps (0: never)")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def main() -> None:
@@ -701,7 +774,8 @@ def main() -> None:
     initial = copy.deepcopy(build_model(settings).state_dict())
     s = settings
     print(
-        f"recall: {s.pairs} pairs, stages {', '.join(f'{n}x{t}' for t, n in s.stages)} "
+        f"recall: {s.pairs} pairs ({s.placement()}), stages "
+        f"{', '.join(f'{n}x{t}' for t, n in s.stages)} "
         f"(length x steps), {s.tokens_per_step} tokens per step, {s.layers} layers x "
         f"{s.hidden} ({s.heads} heads / {s.kv_heads} kv, head_dim {s.head_dim}), "
         f"{sum(t.numel() for t in initial.values()) / 1e6:.1f}M parameters, {s.dtype} on "
@@ -732,7 +806,8 @@ def main() -> None:
         print(f"{name} (accuracy at the end of each stage, median step ms):")
         for stage in run["stages"]:
             print(
-                f"  len {stage['seq_len']:6d}: acc {stage['accuracy_mean_last']:.3f}  "
+                f"  len {stage['seq_len']:6d} ({stage['places_per_pair']} places per pair): "
+                f"acc {stage['accuracy_mean_last']:.3f}  "
                 f"loss {stage['loss_mean_last']:.3f}  {stage['median_step_ms']:8.1f} ms"
             )
     write_outputs(result, args.out_dir)

@@ -28,7 +28,10 @@ def load_script() -> ModuleType:
 
 
 def small_settings(
-    script: ModuleType, stages: tuple[tuple[int, int], ...], repeats: int = 1
+    script: ModuleType,
+    stages: tuple[tuple[int, int], ...],
+    repeats: int = 1,
+    repeat_fraction: float = 0.0,
 ) -> Any:
     return script.Settings(
         device="cpu",
@@ -36,6 +39,7 @@ def small_settings(
         tokens_per_step=400,
         pairs=8,
         repeats=repeats,
+        repeat_fraction=repeat_fraction,
         layers=1,
         hidden=64,
         heads=1,
@@ -104,6 +108,53 @@ def test_repeated_pairs_stay_in_their_segment() -> None:
         assert batch.answers[row].tolist() == [next(iter(by_key[k])) for k in queries]
 
 
+def test_passages_are_contiguous_runs_in_their_segment_that_grow_with_the_stage() -> None:
+    script = load_script()
+    # Segments of (200 - 8) // 8 = 24 and (392 - 8) // 8 = 48 tokens: a quarter of
+    # them is a passage of 6, then of 12 places.
+    settings = small_settings(script, ((200, 1), (392, 1)), repeat_fraction=0.25)
+    starts_in_segment = set()
+    for step, (seq_len, segment, length) in enumerate(((200, 24, 6), (392, 48, 12))):
+        assert settings.places_of(seq_len) == length
+        batch = script.make_batch(settings, step)
+        assert batch.ids.shape[1] == seq_len
+        context = seq_len - 8
+        for row in range(batch.ids.shape[0]):
+            ids, extra = batch.ids[row].tolist(), batch.extra[row].tolist()
+            places = [i for i in range(context) if batch.has_extra[row, i]]
+            # `length` places in each segment, in segment order, then filler only.
+            assert [i // segment for i in places] == [s for s in range(8) for _ in range(length)]
+            assert all(ids[i] < 5 for i in range(context) if not batch.has_extra[row, i])
+            by_key: dict[int, list[int]] = {}
+            for i in places:
+                by_key.setdefault(ids[i], []).append(i)
+            assert len(by_key) == 8
+            for key, run in by_key.items():
+                # One contiguous run, all of it holding the key's one value.
+                assert run == list(range(run[0], run[0] + length)), (key, run)
+                assert len({extra[i] for i in run}) == 1
+                starts_in_segment.add(run[0] % segment)
+            # The queries are unchanged: every key once, answered by its value.
+            queries = ids[context:]
+            assert sorted(queries) == sorted(by_key)
+            assert extra[context:] == [settings.vocab - 1] * 8
+            assert batch.answers[row].tolist() == [extra[by_key[k][0]] for k in queries]
+    # At a random offset of the segment, not at its start.
+    assert len(starts_in_segment) > 3
+
+
+def test_the_command_line_stores_the_repeat_fraction() -> None:
+    script = load_script()
+    args = script.parse_args(["--device", "cpu", "--tiny", "--repeat-fraction", "0.25"])
+    settings = script.settings_from(args)
+    assert settings.repeat_fraction == 0.25 and settings.repeats == 1
+    # --tiny: 16 pairs at 64 and 256 tokens, segments of 3 and 15 tokens.
+    assert [settings.places_of(n) for n, _ in settings.stages] == [1, 4]
+    assert settings.placement().endswith("0.25 of its segment: 1, 4 places at 64, 256 tokens")
+    off = script.settings_from(script.parse_args(["--device", "cpu", "--tiny"]))
+    assert off.repeat_fraction == 0.0 and off.places_of(256) == 1
+
+
 def test_bad_settings_get_clear_errors() -> None:
     script = load_script()
     with pytest.raises(SystemExit, match="--stages: a 10-token stage has no room for 8 pairs"):
@@ -114,6 +165,40 @@ def test_bad_settings_get_clear_errors() -> None:
         script.check(small_settings(script, ((39, 1),), repeats=4))
     with pytest.raises(SystemExit, match="--stages: expected LENGTH:STEPS"):
         script.parse_stages("128:10,512")
+    for fraction in ("0", "-0.1", "0.6", "nan"):
+        args = script.parse_args(["--device", "cpu", "--tiny", "--repeat-fraction", fraction])
+        with pytest.raises(SystemExit, match=r"--repeat-fraction: expected 0 < F <= 0\.5, got"):
+            script.settings_from(args)
+    with pytest.raises(SystemExit, match=r"expected 0 < F <= 0\.5, got 0\.51"):
+        script.check(small_settings(script, ((200, 1),), repeat_fraction=0.51))
+    args = script.parse_args(
+        ["--device", "cpu", "--tiny", "--repeats", "2", "--repeat-fraction", "0.1"]
+    )
+    with pytest.raises(SystemExit, match="--repeat-fraction and --repeats 2: expected one"):
+        script.settings_from(args)
+    # A passage fits any segment of one position or more: 16 tokens, not 15.
+    script.check(small_settings(script, ((16, 1),), repeat_fraction=0.5))
+    with pytest.raises(SystemExit, match=r"expected lengths >= 2 \* --pairs \(16\)"):
+        script.check(small_settings(script, ((15, 1),), repeat_fraction=0.5))
+
+
+def test_plot_draws_passage_runs_and_older_jsons(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    script = load_script()
+    settings = small_settings(script, ((200, 3), (392, 2)), repeat_fraction=0.25)
+    curve = [1.0, 0.8, 0.5, 0.4, 0.2]
+    run = {"loss": curve, "accuracy": [1 - x for x in curve]}
+    result = {
+        "settings": script.asdict(settings),
+        "device": "cpu",
+        "runs": {"moba": run, "sdpa": run},
+    }
+    script.plot(result, tmp_path / "new.png")
+    # A JSON written before --repeats and --repeat-fraction existed.
+    older = {k: v for k, v in result["settings"].items() if "repeat" not in k}
+    script.plot(result | {"settings": older}, tmp_path / "old.png")
+    assert (tmp_path / "new.png").stat().st_size > 10_000
+    assert (tmp_path / "old.png").stat().st_size > 10_000
 
 
 def test_tiny_cpu_run_learns_and_moba_equals_full_attention_within_its_blocks(
