@@ -50,6 +50,7 @@
 #include "backends/cuda/sm90_attention.cuh"
 #include "backends/cuda/sm90_ptx.cuh"
 #include "backends/cuda/sm90_switch.cuh"
+#include "backends/cuda/sm90_tiles.cuh"
 
 namespace moba::backends::cuda::detail {
 namespace {
@@ -110,134 +111,6 @@ struct Sm90Shared {
   uint32_t bars;  // shared address of the barrier array
   __device__ uint32_t bar(int i) const { return bars + 8 * i; }
 };
-
-// The producer's copy geometry, the same for Q tiles and K/V stages (128
-// rows of D elements, stored as column blocks of 64 elements with rows of 128
-// bytes, 16-byte chunk c of row r at c ^ (r % 8): the 128-byte swizzle that
-// the wgmma descriptors of sm90_ptx.cuh describe). Lane l of producer warp w
-// copies chunk l % 8 of each column block of rows r0 + 16 i (i < 8),
-// r0 = 4 w + l / 8: a warp instruction reads four whole 128-byte row
-// segments. All of a thread's rows have the same r % 8, so its destination
-// for (i, block) is one per-thread offset plus a constant (an immediate in
-// the SASS), and its source advances by 16 rows per i.
-constexpr int kCopyRowStep = 16;
-constexpr int kCopyRows = kKeys / kCopyRowStep;  // rows per thread
-constexpr uint32_t kCopyRowGroupBytes = kCopyRowStep * 128;
-constexpr uint32_t kColumnBlockBytes = kKeys * 128;
-
-struct CopyLane {
-  int row0;      // first row
-  int chunk;     // 16-byte chunk within a 64-column block
-  uint32_t dst;  // swizzled byte offset of (row0, chunk) in a tile
-  __device__ explicit CopyLane(int tid) {
-    const int lane = tid & 31, warp = tid >> 5;
-    row0 = 4 * warp + (lane >> 3);
-    chunk = lane & 7;
-    dst = static_cast<uint32_t>(row0 * 128 + ((chunk ^ (row0 & 7)) << 4));
-  }
-};
-
-// A thread's chunks of kCopyRows rows, all in range: src points at chunk
-// `chunk` of the thread's first row, row_step is 16 rows in elements.
-template <class T, int D>
-__device__ __forceinline__ void copy_rows_full(uint32_t dst, const T* src, int64_t row_step) {
-  using namespace sm90;  // NOLINT(google-build-using-namespace)
-#pragma unroll
-  for (int i = 0; i < kCopyRows; ++i) {
-#pragma unroll
-    for (int b = 0; b < D / 64; ++b)
-      cp_async16_full(dst + i * kCopyRowGroupBytes + b * kColumnBlockBytes, src + b * 64);
-    src += row_step;
-  }
-}
-
-// The same for a tile whose rows at or past `valid` (counted from the tile's
-// row 0; row0 is the thread's first row) are zero-filled: nothing is read for
-// them (`fallback` is any valid address), so keys past the tile's range
-// contribute exact zeros, as in the mma.sync kernel.
-template <class T, int D>
-__device__ __forceinline__ void copy_rows_partial(uint32_t dst, const T* src, int64_t row_step,
-                                                  int row0, int valid, const T* fallback) {
-#pragma unroll
-  for (int i = 0; i < kCopyRows; ++i) {
-    const bool in = row0 + i * kCopyRowStep < valid;
-#pragma unroll
-    for (int b = 0; b < D / 64; ++b)
-      cp_async16(dst + i * kCopyRowGroupBytes + b * kColumnBlockBytes, in ? src + b * 64 : fallback,
-                 in);
-    src += row_step;
-  }
-}
-
-// Tile `index` of the launch: a descriptor (past) or a (row tile, query
-// head) pair, heads fastest and longest tiles first (current, dense), as in
-// the mma.sync kernel; decoded the same way by the producer and the
-// consumers. False when the row tile does not exist.
-template <AttnMode kMode>
-__device__ __forceinline__ bool decode_tile(const AttnArgs& a, int index, AttnTile& tk) {
-  tk.first_pos = tk.last_pos = 0;
-  tk.row0 = 0;
-  tk.head = 0;
-  tk.entry0 = 0;
-  if constexpr (kMode == AttnMode::past) {
-    decode_past_tile(a, a.descs[index], tk);
-    return true;
-  } else {
-    const int head = index % a.heads_q;
-    const int tiles = a.tile_end - a.tile_begin;
-    const int tile = a.tile_begin + (tiles - 1 - index / a.heads_q);
-    const SeqTable& st = a.seq;
-    TileRows tr{};
-    if (!locate_tile(st, tile, tr)) return false;
-    const int b = tr.seq;
-    const int len_q = st.q_begin[b + 1] - st.q_begin[b];
-    const int len_k = st.k_begin[b + 1] - st.k_begin[b];
-    tk.kvh = head / a.group;
-    tk.key_row0 = st.k_begin[b];
-    tk.first_pos = len_k - len_q + tr.first;
-    tk.last_pos = tk.first_pos + tr.count - 1;
-    tk.lo = kMode == AttnMode::current ? (tk.first_pos / a.block_size) * a.block_size : 0;
-    tk.hi = tk.last_pos + 1;
-    tk.rows = tr.count;
-    tk.row0 = static_cast<int64_t>(st.q_begin[b]) + tr.first;
-    tk.head = head;
-    return true;
-  }
-}
-
-// The tile's 128 query rows into a Q buffer; padding rows are zero-filled.
-// Past mode gathers them through the entry list: lane l of warp w decodes
-// row 4 w + l % 4 + 16 (l / 4) (the rows its warp copies, one each) and the
-// warp passes the offsets around by shuffles, so each row costs one entry
-// load and its two divisions once instead of once per chunk-copying thread.
-template <class T, int D, AttnMode kMode>
-__device__ __forceinline__ void load_q_tile(const AttnArgs& a, const AttnTile& tk, uint32_t dst,
-                                            const CopyLane& cl, int64_t chunk_row0) {
-  const T* q = static_cast<const T*>(a.q);
-  if constexpr (kMode == AttnMode::past) {
-    const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
-    const int my_row = 4 * warp + (lane & 3) + kCopyRowStep * (lane >> 2);
-    const int64_t my_off =
-        my_row < tk.rows ? past_q_offset(a, a.entries[tk.entry0 + my_row], chunk_row0) : -1;
-#pragma unroll
-    for (int i = 0; i < kCopyRows; ++i) {
-      const int64_t off = __shfl_sync(0xffffffffu, my_off, 4 * i + (lane >> 3));
-      const bool in = off >= 0;
-      const T* src = q + off + cl.chunk * 8;
-#pragma unroll
-      for (int b = 0; b < D / 64; ++b)
-        cp_async16(dst + i * kCopyRowGroupBytes + b * kColumnBlockBytes, in ? src + b * 64 : q, in);
-    }
-  } else {
-    const T* src =
-        q + (tk.row0 + cl.row0) * a.q_ts + static_cast<int64_t>(tk.head) * a.q_hs + cl.chunk * 8;
-    const int64_t row_step = kCopyRowStep * a.q_ts;
-    if (tk.rows == kTileRows)
-      copy_rows_full<T, D>(dst, src, row_step);
-    else
-      copy_rows_partial<T, D>(dst, src, row_step, cl.row0, tk.rows, q);
-  }
-}
 
 // The producer warpgroup: per tile the Q rows, then K and V in stages of
 // kKeys keys through a ring of kStages stages. K and V of a stage have their

@@ -2,8 +2,8 @@
 // saved log-sum-exp. The routing is recomputed with the forward's own kernels
 // (same plan, same chunks, same code), so every query attends to exactly the
 // keys it attended to in the forward. The products run on the tensor cores
-// (backward_mma.cu); docs/cuda_backward.md explains the design and the two
-// modes.
+// (backward_mma.cu; on Hopper backward_sm90.cu and backward_dq_sm90.cu);
+// docs/cuda_backward.md explains the design and the two modes.
 #include <cuda_runtime.h>
 #include <cub/device/device_segmented_sort.cuh>
 
@@ -15,6 +15,7 @@
 #include "backends/cuda/backward.cuh"
 #include "backends/cuda/host.cuh"
 #include "backends/cuda/kernels.cuh"
+#include "backends/cuda/sm90_backward_switch.cuh"
 #include "core/problem.hpp"
 #include "core/routing.hpp"
 
@@ -93,10 +94,19 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
     return;
   }
   Plan plan = make_plan(p);
+  // The key-major dK/dV kernel: the Hopper one (128-key tiles) where it is
+  // wanted and this binary and device can run it, else the mma.sync one
+  // (64-key tiles); sm90_backward_switch.cuh.
+  const bool sm90_dkv =
+      detail::bwd_sm90_wanted(plan.dense, plan.block) && detail::bwd_sm90_supported();
+  const int key_tile = sm90_dkv ? detail::kBwdSm90KeyTile : detail::kBwdKeyTile;
+  // The query-major dq kernel: the Hopper one under the same switch, unless
+  // MOBA_CUDA_SM90_BWD_DQ=0 keeps it on mma.sync.
+  const bool sm90_dq = sm90_dkv && detail::bwd_sm90_dq_enabled();
   if (plan.dense) {
     // Causal attention ignores the blocks; the key-major kernel then walks
-    // 64-key tiles, so the tables are built for blocks of that size.
-    plan.block = detail::kBwdKeyTile;
+    // key tiles, so the tables are built for blocks of that size.
+    plan.block = key_tile;
     plan.blocks_max = core::num_blocks(p.max_seqlen_k, plan.block);
     plan.blocks_bound = std::min(p.total_k, p.batch * plan.blocks_max);
   }
@@ -148,7 +158,7 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
   a.heads_kv = static_cast<int>(p.heads_kv);
   a.total_q = p.total_q;
   a.dense = plan.dense;
-  a.key_tiles_per_block = (plan.block + detail::kBwdKeyTile - 1) / detail::kBwdKeyTile;
+  a.key_tiles_per_block = (plan.block + key_tile - 1) / key_tile;
   a.dq = grads.dq.data;
   a.dq_ts = grads.dq.token_stride;
   a.dq_hs = grads.dq.head_stride;
@@ -160,15 +170,22 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
         "cudaMemsetAsync");
   check(detail::launch_bwd_delta(elem, a, stream), "launch of the delta kernel");
 
-  // Key-major work items: (kv head, block, 64-key tile); CTAs whose tile
-  // lies beyond a short last block exit at once.
+  // Key-major work items: (kv head, block, key tile); CTAs whose tile lies
+  // beyond a short last block exit at once.
   const int64_t dkv_items = p.heads_kv * plan.blocks_bound * a.key_tiles_per_block;
   if (dkv_items > INT32_MAX)
     fail(Status::unsupported, "cuda backend: heads_kv x key tiles beyond 2^31 - 1");
+  const auto launch_dq = [&](AttnMode mode, const char* what) {
+    check(sm90_dq ? detail::launch_bwd_dq_sm90(elem, mode, a, stream)
+                  : detail::launch_bwd_dq(elem, mode, a, stream),
+          what);
+  };
   const auto dkv = [&](int64_t t0, int64_t t1) {
     a.f.tile_begin = static_cast<int>(t0);
     a.f.tile_end = static_cast<int>(t1);
-    check(detail::launch_bwd_dkv(elem, a, dkv_items, stream), "launch of the dk/dv kernel");
+    check(sm90_dkv ? detail::launch_bwd_dkv_sm90(elem, a, dkv_items, stream)
+                   : detail::launch_bwd_dkv(elem, a, dkv_items, stream),
+          "launch of the dk/dv kernel");
   };
   if (!routed) {
     // top_k >= blocks: causal attention; top_k == 1: the current block only.
@@ -176,7 +193,7 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
     for_tile_ranges(plan.tiles_bound, p.heads_q, [&](int t0, int t1) {
       a.f.tile_begin = t0;
       a.f.tile_end = t1;
-      check(detail::launch_bwd_dq(elem, mode, a, stream), "launch of the dq kernel");
+      launch_dq(mode, "launch of the dq kernel");
     });
     dkv(0, plan.tiles_bound);
   } else {
@@ -200,9 +217,8 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
     const auto dq = [&](int64_t t0, int64_t t1) {
       a.f.tile_begin = static_cast<int>(t0);
       a.f.tile_end = static_cast<int>(t1);
-      check(detail::launch_bwd_dq(elem, AttnMode::past, a, stream), "launch of the past dq kernel");
-      check(detail::launch_bwd_dq(elem, AttnMode::current, a, stream),
-            "launch of the current dq kernel");
+      launch_dq(AttnMode::past, "launch of the past dq kernel");
+      launch_dq(AttnMode::current, "launch of the current dq kernel");
     };
     // dK/dV of the row tiles [t0, t1) (routed and inverted).
     const auto lists_and_dkv = [&](int64_t t0, int64_t t1) {

@@ -15,6 +15,9 @@ namespace moba::backends::cuda::detail {
 // gathered rows per step of it.
 inline constexpr int kBwdKeyTile = 64;
 inline constexpr int kBwdRowTile = 64;
+// Keys per work item of the Hopper dK/dV kernel (2 consumer warpgroups x 64
+// keys); it streams the same kBwdRowTile-row steps.
+inline constexpr int kBwdSm90KeyTile = 128;
 
 /// What the backward kernels read and write. `f` carries the forward's view
 /// of the problem (q, k, v, the saved output in f.out, the saved lse, the
@@ -35,7 +38,7 @@ struct BwdArgs {
   const int32_t* seg_begin;
   const int32_t* seg_end;
   const int32_t* lists;
-  int key_tiles_per_block;  // ceil(block_size / kBwdKeyTile)
+  int key_tiles_per_block;  // ceil(block_size / key tile): kBwdKeyTile, or kBwdSm90KeyTile
   float* dq_part;           // [entries of the chunk][D]: dq of an entry from its past block
   void* dq;
   int64_t dq_ts, dq_hs;
@@ -51,9 +54,20 @@ cudaError_t launch_bwd_delta(Elem elem, const BwdArgs& a, cudaStream_t stream);
 /// accumulators, in a fixed order given fixed lists.
 cudaError_t launch_bwd_dkv(Elem elem, const BwdArgs& a, int64_t items, cudaStream_t stream);
 
+/// The same on Hopper (backward_sm90.cu): one CTA per (kv head, block,
+/// 128-key tile), the same rows in the same order. Only when
+/// bwd_sm90_supported() (sm90_backward_switch.cuh).
+cudaError_t launch_bwd_dkv_sm90(Elem elem, const BwdArgs& a, int64_t items, cudaStream_t stream);
+
 /// Query-major dQ. past: the gathered entries of a descriptor against their
 /// whole block -> dq_part; current: a row tile against its current blocks,
 /// plus the row's dq_part in selection order -> dq; dense: keys 0..p -> dq.
 cudaError_t launch_bwd_dq(Elem elem, AttnMode mode, const BwdArgs& a, cudaStream_t stream);
+
+/// The same on Hopper (backward_dq_sm90.cu): the same row tiles, masks,
+/// arithmetic and epilogue, equal within rounding (each bitwise
+/// reproducible). Only when bwd_sm90_supported() and bwd_sm90_dq_enabled()
+/// (sm90_backward_switch.cuh).
+cudaError_t launch_bwd_dq_sm90(Elem elem, AttnMode mode, const BwdArgs& a, cudaStream_t stream);
 
 }  // namespace moba::backends::cuda::detail

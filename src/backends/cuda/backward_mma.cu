@@ -32,11 +32,11 @@
 #include <cstdint>
 
 #include "backends/cuda/backward.cuh"
+#include "backends/cuda/backward_dq_rows.cuh"
+#include "backends/cuda/backward_rows.cuh"
 
 namespace moba::backends::cuda::detail {
 namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
 
 constexpr int kKvThreads = 128;  // 4 warps x 16 keys = kBwdKeyTile
 constexpr int kDqThreads = 256;  // 8 warps x 16 rows = kTileRows
@@ -146,12 +146,6 @@ __device__ __forceinline__ void zero(float (&x)[N][4]) {
   for (int i = 0; i < N; ++i) x[i][0] = x[i][1] = x[i][2] = x[i][3] = 0.0f;
 }
 
-// The packed row of the chunk's first row tile: row 0 of its selection.
-__device__ __forceinline__ int64_t chunk_first_row(const SeqTable& st, int tile_begin) {
-  TileRows first{};
-  return locate_tile(st, tile_begin, first) ? st.q_begin[first.seq] + first.first : 0;
-}
-
 // ---------------------------------------------------------------- delta
 
 template <class T, int D>
@@ -176,15 +170,6 @@ __global__ void __launch_bounds__(128) delta_kernel(const BwdArgs a) {
 
 // ---------------------------------------------------------------- dK, dV
 
-// One gathered row of the key-major kernel.
-struct KvRow {
-  int64_t q, dout;  // element offsets; -1 for padding
-  float lse2;       // lse in base 2
-  float delta;
-  int pos;  // position (causal mask); INT_MAX for past entries, -1 for padding
-  int pad;
-};
-
 template <class T, int D>
 __global__ void __launch_bounds__(kKvThreads) dkv_kernel(const BwdArgs a) {
   constexpr int kDT = D / 8;
@@ -192,62 +177,24 @@ __global__ void __launch_bounds__(kKvThreads) dkv_kernel(const BwdArgs a) {
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ KvRow slots[2][kBwdRowTile];
   __shared__ int chunk[2];
-  const AttnArgs& f = a.f;
-  const SeqTable& st = f.seq;
-
-  // Work item: key tiles fastest (the CTAs of one block read the same
-  // gathered rows, close together in time), then blocks, then kv heads.
-  const int sub = static_cast<int>(blockIdx.x % a.key_tiles_per_block);
-  const int64_t rest = blockIdx.x / a.key_tiles_per_block;
-  const int gb = static_cast<int>(rest % f.blocks_bound);
-  const int kvh = static_cast<int>(rest / f.blocks_bound);
-  if (gb >= st.block_begin[st.batch]) return;
-  const int b = upper_index(st.block_begin, st.batch + 1, gb);
-  const int len_q = st.q_begin[b + 1] - st.q_begin[b];
-  const int len_k = st.k_begin[b + 1] - st.k_begin[b];
-  const int blo = (gb - st.block_begin[b]) * f.block_size;
-  const int bhi = min(blo + f.block_size, len_k);
-  const int t0 = blo + sub * kBwdKeyTile;
-  if (t0 >= bhi) return;
-  const int t1 = min(t0 + kBwdKeyTile, bhi);
-  if (threadIdx.x == 0) chunk_rows(st, f.tile_begin, f.tile_end, &chunk[0], &chunk[1]);
-  __syncthreads();
-  const int row0 = chunk[0], row1 = chunk[1];
-
-  // Current rows: queries at positions [t0, last] among the chunk's rows
-  // (query i sits at position shift + i).
-  const int q0 = st.q_begin[b];
-  const int shift = len_k - len_q;
-  const int last = a.dense ? len_k - 1 : bhi - 1;
-  const int i_first = max(max(0, t0 - shift), row0 - q0);
-  const int i_last = min(last - shift, row1 - 1 - q0);
-  const int ncur = max(0, i_last - i_first + 1);
-  const int cur_per_head = (ncur + kBwdRowTile - 1) / kBwdRowTile;
-  const int cur_tiles = cur_per_head * f.group;
-  // Past entries: the bucket's list.
-  int eb = 0, ee = 0;
-  if (a.sel != nullptr) {
-    const int64_t bucket = static_cast<int64_t>(kvh) * f.blocks_bound + gb;
-    eb = a.seg_begin[bucket];
-    ee = a.seg_end[bucket];
-  }
-  const int n_tiles = cur_tiles + (ee - eb + kBwdRowTile - 1) / kBwdRowTile;
-  if (n_tiles == 0) return;  // nothing of this chunk attends to the tile
-
   // The tile's row sources, kept in shared memory rather than in registers
   // across the loop (the loop needs every register for dK, dV and the
   // fragments).
-  __shared__ int src[8];
-  enum { kCurTiles, kCurPerHead, kNcur, kRowFirst, kPosFirst, kHead0, kEb, kEe };
-  if (threadIdx.x == 0) {
-    src[kCurTiles] = cur_tiles;
-    src[kCurPerHead] = cur_per_head;
-    src[kNcur] = ncur;
-    src[kRowFirst] = q0 + i_first;
-    src[kPosFirst] = shift + i_first;
-    src[kHead0] = kvh * f.group;
-    src[kEb] = eb;
-    src[kEe] = ee;
+  __shared__ KvRowSource src;
+  const AttnArgs& f = a.f;
+  const SeqTable& st = f.seq;
+
+  KvTile kt;
+  if (!decode_kv_tile<kBwdKeyTile>(a, blockIdx.x, kt)) return;
+  const int kvh = kt.kvh, b = kt.b, t0 = kt.t0, t1 = kt.t1;
+  if (threadIdx.x == 0) chunk_rows(st, f.tile_begin, f.tile_end, &chunk[0], &chunk[1]);
+  __syncthreads();
+  int n_tiles;
+  {
+    const KvRowSource rs = kv_row_source(a, kt, chunk[0], chunk[1]);
+    n_tiles = rs.n_tiles;
+    if (n_tiles == 0) return;  // nothing of this chunk attends to the tile
+    if (threadIdx.x == 0) src = rs;
   }
   __syncthreads();
 
@@ -255,41 +202,7 @@ __global__ void __launch_bounds__(kKvThreads) dkv_kernel(const BwdArgs a) {
   const T* dout = static_cast<const T*>(a.dout);
   const auto fill_slots = [&](int tile, KvRow* s) {
     const int r = threadIdx.x;
-    if (r >= kBwdRowTile) return;
-    int row = -1, head = 0, pos = -1;
-    const int ct = src[kCurTiles];
-    if (tile < ct) {
-      const int per_head = src[kCurPerHead];
-      const int g = tile / per_head;
-      const int j = (tile - g * per_head) * kBwdRowTile + r;
-      if (j < src[kNcur]) {
-        row = src[kRowFirst] + j;
-        head = src[kHead0] + g;
-        pos = src[kPosFirst] + j;
-      }
-    } else {
-      const int j = src[kEb] + (tile - ct) * kBwdRowTile + r;
-      if (j < src[kEe]) {
-        const int e = a.lists[j];
-        row = chunk[0] + e / (f.heads_q * f.past);
-        head = (e / f.past) % f.heads_q;
-        pos = INT_MAX;  // a past block lies wholly before the row
-      }
-    }
-    KvRow x{};
-    if (row >= 0) {
-      x.q = static_cast<int64_t>(row) * f.q_ts + static_cast<int64_t>(head) * f.q_hs;
-      x.dout = static_cast<int64_t>(row) * a.do_ts + static_cast<int64_t>(head) * a.do_hs;
-      x.lse2 = f.lse[static_cast<int64_t>(head) * f.lse_hs + static_cast<int64_t>(row) * f.lse_ts] *
-               kLog2e;
-      x.delta = a.delta[static_cast<int64_t>(row) * f.heads_q + head];
-      x.pos = pos;
-    } else {
-      x.q = x.dout = -1;
-      x.lse2 = x.delta = 0.0f;
-      x.pos = -1;
-    }
-    s[r] = x;
+    if (r < kBwdRowTile) s[r] = kv_row(a, src, tile, r);
   };
 
   const uint32_t sK = smem_u32(smem);
@@ -318,7 +231,7 @@ __global__ void __launch_bounds__(kKvThreads) dkv_kernel(const BwdArgs a) {
   cp_async_commit();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  const float scale_log2 = f.scale * kLog2e;
+  const float scale_log2 = f.scale * kBwdLog2e;
   // This thread's keys: rows g and g + 8 of the warp's 16.
   const int key_lo = t0 + warp * 16 + g;
   float dk[kDT][4], dv[kDT][4];
@@ -390,19 +303,9 @@ __global__ void __launch_bounds__(kKvThreads) dkv_kernel(const BwdArgs a) {
   for (int h = 0; h < 2; ++h) {
     const int key = key_lo + 8 * h;
     if (key >= t1) continue;
-    const int64_t at = ((key_row0 + key) * a.heads_kv + kvh) * D + 2 * tq;
-#pragma unroll
-    for (int dt = 0; dt < kDT; ++dt) {
-      float2* pk = reinterpret_cast<float2*>(a.dk_acc + at + dt * 8);
-      float2* pv = reinterpret_cast<float2*>(a.dv_acc + at + dt * 8);
-      float2 ok = *pk, ov = *pv;
-      ok.x += dk[dt][2 * h];
-      ok.y += dk[dt][2 * h + 1];
-      ov.x += dv[dt][2 * h];
-      ov.y += dv[dt][2 * h + 1];
-      *pk = ok;
-      *pv = ov;
-    }
+    add_key_grads<D>(
+        a, key_row0 + key, kvh, tq, [&](int dt, int j) { return dk[dt][2 * h + j]; },
+        [&](int dt, int j) { return dv[dt][2 * h + j]; });
   }
 }
 
@@ -468,7 +371,7 @@ __device__ void dq_tile(const BwdArgs& a, uint8_t* smem, const DqRow* rows, int 
     lse2[h] = r.lse2;
     delta[h] = r.delta;
   }
-  const float scale_log2 = f.scale * kLog2e;
+  const float scale_log2 = f.scale * kBwdLog2e;
   float dq[kDT][4];
   zero(dq);
 
@@ -514,35 +417,8 @@ __device__ void dq_tile(const BwdArgs& a, uint8_t* smem, const DqRow* rows, int 
   for (int h = 0; h < 2; ++h) {
     const int r = warp * 16 + g + 8 * h;
     if (r >= nrows) continue;
-    const int64_t out = rows[r].out;
-    if constexpr (kMode == AttnMode::past) {
-      float* dst = a.dq_part + out * D + 2 * tq;
-#pragma unroll
-      for (int dt = 0; dt < kDT; ++dt)
-        *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(dq[dt][2 * h], dq[dt][2 * h + 1]);
-    } else {
-      if constexpr (kMode == AttnMode::current) {
-        if (a.sel != nullptr) {
-          // The row's past blocks, in selection order (a fixed order).
-          const int64_t base = ((out - chunk_row0) * f.heads_q + head) * f.past;
-          for (int sl = 0; sl < f.past; ++sl) {
-            if (a.sel[base + sl] < 0) continue;
-            const float* src = a.dq_part + (base + sl) * D + 2 * tq;
-#pragma unroll
-            for (int dt = 0; dt < kDT; ++dt) {
-              const float2 y = *reinterpret_cast<const float2*>(src + dt * 8);
-              dq[dt][2 * h] += y.x;
-              dq[dt][2 * h + 1] += y.y;
-            }
-          }
-        }
-      }
-      T* dst =
-          static_cast<T*>(a.dq) + out * a.dq_ts + static_cast<int64_t>(head) * a.dq_hs + 2 * tq;
-#pragma unroll
-      for (int dt = 0; dt < kDT; ++dt)
-        *reinterpret_cast<uint32_t*>(dst + dt * 8) = pack2<T>(dq[dt][2 * h], dq[dt][2 * h + 1]);
-    }
+    store_dq_row<T, D, kMode>(a, rows[r].out, head, chunk_row0, tq,
+                              [&](int dt, int j) -> float& { return dq[dt][2 * h + j]; });
   }
 }
 
@@ -558,7 +434,7 @@ __global__ void __launch_bounds__(kDqThreads) dq_kernel(const BwdArgs a) {
     x.q = row * f.q_ts + static_cast<int64_t>(head) * f.q_hs;
     x.dout = row * a.do_ts + static_cast<int64_t>(head) * a.do_hs;
     x.out = out;
-    x.lse2 = f.lse[static_cast<int64_t>(head) * f.lse_hs + row * f.lse_ts] * kLog2e;
+    x.lse2 = f.lse[static_cast<int64_t>(head) * f.lse_hs + row * f.lse_ts] * kBwdLog2e;
     x.delta = a.delta[row * f.heads_q + head];
     x.first = first;
     x.pos = pos;

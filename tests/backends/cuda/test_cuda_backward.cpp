@@ -235,20 +235,23 @@ TEST(CudaBackward, RandomCasesMatchReference) {
 
 // Deterministic mode: two runs bitwise equal. The fast mode's dq uses the
 // same fixed order, so it is bitwise equal too (only dK/dV use atomics).
+void expect_deterministic_reproducible(const Case& c) {
+  SCOPED_TRACE(describe(c));
+  const Workload w = make_workload(c);
+  BackwardRun run(w);
+  run.forward();
+  const Grads a = run.backward(true), b = run.backward(true), fast = run.backward(false);
+  EXPECT_TRUE(bitwise_equal(a.dq, b.dq));
+  EXPECT_TRUE(bitwise_equal(a.dk, b.dk));
+  EXPECT_TRUE(bitwise_equal(a.dv, b.dv));
+  EXPECT_TRUE(bitwise_equal(a.dq, fast.dq));
+}
+
 TEST(CudaBackward, DeterministicModeIsBitwiseReproducible) {
   SKIP_WITHOUT_GPU();
   for (const Case& c : {make_case({600, 3, 250}, {}, 8, 2, 128, 32, 4, bf16),
-                        make_case({500}, {}, 4, 1, 64, 64, 100, f16)}) {
-    SCOPED_TRACE(describe(c));
-    const Workload w = make_workload(c);
-    BackwardRun run(w);
-    run.forward();
-    const Grads a = run.backward(true), b = run.backward(true), fast = run.backward(false);
-    EXPECT_TRUE(bitwise_equal(a.dq, b.dq));
-    EXPECT_TRUE(bitwise_equal(a.dk, b.dk));
-    EXPECT_TRUE(bitwise_equal(a.dv, b.dv));
-    EXPECT_TRUE(bitwise_equal(a.dq, fast.dq));
-  }
+                        make_case({500}, {}, 4, 1, 64, 64, 100, f16)})
+    expect_deterministic_reproducible(c);
 }
 
 // One row tile per chunk (a one-byte chunk budget): still the same gradients
@@ -256,9 +259,8 @@ TEST(CudaBackward, DeterministicModeIsBitwiseReproducible) {
 // A 100000-byte budget gives the dq passes one row tile per chunk (1024
 // entries x 280 bytes) but the dK/dV pass 3-4 (28 or 24 bytes per entry),
 // so the backward routes twice, in two chunkings.
-TEST(CudaBackward, ManyChunksMatchOneChunk) {
-  SKIP_WITHOUT_GPU();
-  const Case c = make_case({700, 130}, {}, 4, 2, 64, 32, 3, bf16);
+void expect_many_chunks_match_one_chunk(const Case& c) {
+  SCOPED_TRACE(describe(c));
   const Workload w = make_workload(c);
   BackwardRun run(w);
   run.forward();
@@ -275,6 +277,11 @@ TEST(CudaBackward, ManyChunksMatchOneChunk) {
       EXPECT_LE(scaled_error(g->dv, one.dv, c.heads_kv, c.head_dim, {}, "dv"), 1e-2);
     }
   }
+}
+
+TEST(CudaBackward, ManyChunksMatchOneChunk) {
+  SKIP_WITHOUT_GPU();
+  expect_many_chunks_match_one_chunk(make_case({700, 130}, {}, 4, 2, 64, 32, 3, bf16));
 }
 
 TEST(CudaBackward, KeysNoQueryAttendsGetZero) {
@@ -322,6 +329,178 @@ TEST(CudaBackward, RejectsWhatItDoesNotSupport) {
     EXPECT_EQ(status, Status::unsupported) << msg;
     EXPECT_NE(msg.find(needle), std::string::npos) << msg;
   }
+}
+
+}  // namespace
+}  // namespace moba::testing
+
+// ---------------------------------------------------------------------------
+// The Hopper (sm_90a) dK/dV and dq kernels, backward_sm90.cu and
+// backward_dq_sm90.cu. On an H100 the tests above run them where they are the
+// default (dense, blocks >= 1024; MOBA_CUDA_SM90_BWD=0 runs them on the
+// mma.sync kernels, MOBA_CUDA_SM90_BWD_DQ=0 only dq). These pin the kernels
+// in turn on the same inputs, so a failure names the kernel, run the
+// reference sweep with the Hopper kernels pinned, and print the largest
+// differences for a first look:
+// test_cuda_backward --gtest_filter='CudaBackwardSm90.*'
+#include <cstdio>
+
+#include "backends/cuda/sm90_backward_switch.cuh"
+
+namespace moba::testing {
+namespace {
+
+namespace cuda_detail = ::moba::backends::cuda::detail;
+
+// Pins the kernels while alive: the dK/dV kernel, and where it is the Hopper
+// one, the dq kernel; afterwards MOBA_CUDA_SM90_BWD and
+// MOBA_CUDA_SM90_BWD_DQ decide.
+class PinBackwardKernels {
+ public:
+  PinBackwardKernels(bool sm90_dkv, bool sm90_dq) {
+    cuda_detail::set_sm90_backward_override(sm90_dkv ? 1 : 0);
+    cuda_detail::set_sm90_backward_dq_override(sm90_dq ? 1 : 0);
+  }
+  ~PinBackwardKernels() {
+    cuda_detail::set_sm90_backward_override(-1);
+    cuda_detail::set_sm90_backward_dq_override(-1);
+  }
+  PinBackwardKernels(const PinBackwardKernels&) = delete;
+  PinBackwardKernels& operator=(const PinBackwardKernels&) = delete;
+};
+
+// Every backward on Hopper kernels only.
+struct PinHopper : PinBackwardKernels {
+  PinHopper() : PinBackwardKernels(true, true) {}
+};
+
+#define SKIP_WITHOUT_SM90_BWD()           \
+  SKIP_WITHOUT_GPU();                     \
+  if (!cuda_detail::bwd_sm90_supported()) \
+  GTEST_SKIP() << "no compute capability 9.x device or no sm_90a code in this build"
+
+// Whether the Hopper dq kernel would run (its sm_90a body is loaded): where
+// the dK/dV kernel's is, it must be (same build), else the tests below
+// would compare the mma.sync dq kernel with itself.
+bool sm90_dq_kernel_runs() {
+  const PinHopper pin;
+  return cuda_detail::bwd_sm90_dq_enabled();
+}
+
+// Shapes for the 128-key tiles: blocks smaller than a tile and partial
+// tiles (blocks of 3, 16, 48, 100, 200: one consumer warpgroup idle or
+// partly masked), a tile per block with buckets of several 64-row steps
+// (block 128, 1500 rows), blocks of 1024 and 4096 with a chunked prefill,
+// top-k 1, the dense switch with chunked prefill and over many tiles, varlen
+// with empty and 1-token sequences, GQA 1/4/8/16, D 64/128, bf16/fp16.
+const NamedCase kSm90Cases[] = {
+    {"varlen_empty_tiny_bf16_d128_gqa4",
+     make_case({300, 0, 1, 517, 64}, {}, 8, 2, 128, 64, 3, bf16)},
+    {"block_3_wide_top_k_fp16_d128", make_case({200}, {}, 2, 1, 128, 3, 20, f16)},
+    {"block_16_gqa4_fp16_d64", make_case({257, 40}, {}, 8, 2, 64, 16, 4, f16)},
+    {"block_48_fp16_d128", make_case({200, 77}, {}, 2, 2, 128, 48, 3, f16)},
+    {"block_100_gqa4_bf16_d64", make_case({450}, {}, 4, 1, 64, 100, 3, bf16)},
+    {"block_200_gqa16_fp16_d64", make_case({900, 65}, {}, 16, 1, 64, 200, 3, f16)},
+    {"block_128_many_rows_bf16_d128", make_case({1500}, {}, 8, 2, 128, 128, 3, bf16)},
+    {"block_1024_gqa1_fp16_d64", make_case({3000, 1}, {}, 4, 4, 64, 1024, 2, f16)},
+    {"block_4096_chunked_gqa8_bf16_d128",
+     make_case({200, 8}, {9000, 4100}, 8, 1, 128, 4096, 2, bf16)},
+    {"block_4096_chunked_fp16_d64", make_case({300}, {8500}, 4, 2, 64, 4096, 2, f16)},
+    {"top_k_1_fp16_d64", make_case({333, 2}, {}, 2, 1, 64, 64, 1, f16)},
+    {"dense_chunked_prefill_bf16_d64", make_case({40, 7}, {300, 7}, 2, 1, 64, 32, 50, bf16)},
+    {"dense_long_chunked_fp16_d128", make_case({700, 130}, {700, 400}, 4, 2, 128, 128, 8, f16)},
+};
+
+// The kernels on one workload (same routing): mma.sync only, the Hopper
+// dK/dV kernel with the mma.sync dq kernel, Hopper only.
+//   dK/dV: Hopper within the tolerance of mma.sync;
+//   dq with only dK/dV switched: bitwise equal (dq does not depend on the
+//   dK/dV kernel);
+//   dq on the Hopper kernel: within the tolerance of mma.sync (the products
+//   sum in another order, so P and dS may round differently);
+//   deterministic: dK/dV bitwise equal whichever dq kernel ran.
+void expect_kernels_agree(const char* name, const Case& c, bool deterministic) {
+  SCOPED_TRACE(std::string(name) + ": " + describe(c) +
+               (deterministic ? " deterministic" : " fast"));
+  const Workload w = make_workload(c);
+  BackwardRun run(w);
+  run.forward();
+  const auto with_kernels = [&](bool sm90_dkv, bool sm90_dq) {
+    const PinBackwardKernels pin(sm90_dkv, sm90_dq);
+    return run.backward(deterministic);
+  };
+  const Grads mma = with_kernels(false, false), dkv = with_kernels(true, false),
+              sm90 = with_kernels(true, true);
+  const double ek = scaled_error(dkv.dk, mma.dk, c.heads_kv, c.head_dim, {}, "dk");
+  const double ev = scaled_error(dkv.dv, mma.dv, c.heads_kv, c.head_dim, {}, "dv");
+  const double eq = scaled_error(sm90.dq, mma.dq, c.heads_q, c.head_dim, {}, "dq");
+  std::printf("[ sm90 vs mma.sync ] %-36s %s dk %.3e dv %.3e dq %.3e\n", name,
+              deterministic ? "det " : "fast", ek, ev, eq);
+  const double tol = gradient_tolerance(c.dtype);
+  EXPECT_LE(ek, tol);
+  EXPECT_LE(ev, tol);
+  EXPECT_LE(eq, tol);
+  EXPECT_TRUE(bitwise_equal(dkv.dq, mma.dq));
+  if (deterministic) {
+    EXPECT_TRUE(bitwise_equal(sm90.dk, dkv.dk));
+    EXPECT_TRUE(bitwise_equal(sm90.dv, dkv.dv));
+  }
+}
+
+TEST(CudaBackwardSm90, AgreesWithMmaSyncKernels) {
+  SKIP_WITHOUT_SM90_BWD();
+  ASSERT_TRUE(sm90_dq_kernel_runs());
+  for (const NamedCase& nc : kSm90Cases)
+    for (bool deterministic : {true, false}) expect_kernels_agree(nc.name, nc.c, deterministic);
+}
+
+// The whole named sweep and the random cases against the reference with the
+// Hopper kernels pinned: the checks of CudaBackwardSweep and
+// RandomCasesMatchReference, whatever MOBA_CUDA_SM90_BWD says.
+TEST(CudaBackwardSm90, SweepMatchesReference) {
+  SKIP_WITHOUT_SM90_BWD();
+  const PinHopper pin;
+  for (const NamedCase& nc : kSweep) {
+    SCOPED_TRACE(nc.name);
+    for (bool deterministic : {true, false}) expect_gradients_match(nc.c, deterministic);
+  }
+  std::mt19937_64 rng(77);
+  for (DType dtype : {bf16, f16})
+    for (int i = 0; i < 6; ++i)
+      expect_gradients_match(random_case(rng, dtype, {64, 128}, 200), i % 2 == 0);
+}
+
+TEST(CudaBackwardSm90, DeterministicModeIsBitwiseReproducible) {
+  SKIP_WITHOUT_SM90_BWD();
+  const PinHopper pin;
+  for (const Case& c : {make_case({600, 3, 250}, {}, 8, 2, 128, 32, 4, bf16),
+                        make_case({500}, {}, 4, 1, 64, 64, 100, f16),
+                        make_case({200, 8}, {9000, 4100}, 8, 2, 128, 4096, 2, bf16)})
+    expect_deterministic_reproducible(c);
+}
+
+// dq on the Hopper kernel over the Hopper shapes: bitwise reproducible, and
+// the fast mode's bitwise equal to the deterministic mode's (each dq is a
+// fixed-order sum; the order of the entry lists does not enter it).
+TEST(CudaBackwardSm90, DqIsBitwiseReproducible) {
+  SKIP_WITHOUT_SM90_BWD();
+  ASSERT_TRUE(sm90_dq_kernel_runs());
+  const PinHopper pin;
+  for (const NamedCase& nc : kSm90Cases) {
+    SCOPED_TRACE(std::string(nc.name) + ": " + describe(nc.c));
+    const Workload w = make_workload(nc.c);
+    BackwardRun run(w);
+    run.forward();
+    const Grads a = run.backward(false), b = run.backward(false), det = run.backward(true);
+    EXPECT_TRUE(bitwise_equal(a.dq, b.dq));
+    EXPECT_TRUE(bitwise_equal(a.dq, det.dq));
+  }
+}
+
+TEST(CudaBackwardSm90, ManyChunksMatchOneChunk) {
+  SKIP_WITHOUT_SM90_BWD();
+  const PinHopper pin;
+  expect_many_chunks_match_one_chunk(make_case({700, 130}, {}, 4, 2, 64, 32, 3, bf16));
 }
 
 }  // namespace
