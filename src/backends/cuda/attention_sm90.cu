@@ -210,20 +210,13 @@ struct ConsumerCtx {
   float scale_log2;
   int bs;
 
-  // S = Q K^T of the stage, issued and committed (not waited for): D/16
-  // k-steps; within a 64-column block a k-step moves the start address by
-  // 32 bytes, the next block is a whole tile column block further.
+  // S = Q K^T of the stage, issued and committed (not waited for).
   __device__ __forceinline__ void issue_s(float (&s)[kKeys / 2], uint32_t desc_q, int stage) const {
     using namespace sm90;  // NOLINT(google-build-using-namespace)
     fence_proxy_async();
     const uint32_t desc_k = make_desc_lo(sh.base + L::kK + stage * L::kKVBytes, 16);
     wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const uint32_t a_off = (ks >> 2) * (kTileRows * 128) + (ks & 3) * 32;
-      const uint32_t b_off = (ks >> 2) * (kKeys * 128) + (ks & 3) * 32;
-      wgmma_ss<T, kKeys>(s, desc_q + (a_off >> 4), desc_k + (b_off >> 4), ks > 0 ? 1 : 0);
-    }
+    wgmma_ss_k_major<T, kKeys, D, kTileRows, kKeys>(s, desc_q, desc_k);
     wgmma_commit();
   }
 
@@ -237,9 +230,7 @@ struct ConsumerCtx {
     const uint32_t desc_v = make_desc_lo(sh.base + L::kV + stage * L::kKVBytes, kKeys * 128);
     fence_operands(o);
     wgmma_fence();
-#pragma unroll
-    for (int kc = 0; kc < kKeys / 16; ++kc)
-      wgmma_rs_tb<T, D>(o, p[kc], desc_v + ((kc * 16 * 128) >> 4));
+    wgmma_rs_tb_steps<T, D>(o, p, desc_v);
     wgmma_commit();
   }
 

@@ -129,7 +129,7 @@ __device__ __forceinline__ float2 dq_row_stats(const BwdArgs& a, const AttnTile&
     row = tk.row0 + r;
     head = tk.head;
   }
-  return make_float2(f.lse[static_cast<int64_t>(head) * f.lse_hs + row * f.lse_ts] * kBwdLog2e,
+  return make_float2(f.lse[static_cast<int64_t>(head) * f.lse_hs + row * f.lse_ts] * kAttnLog2e,
                      a.delta[row * f.heads_q + head]);
 }
 
@@ -211,7 +211,7 @@ __device__ void consume(const BwdArgs& a, const DqShared& sh, int tiles, int64_t
   const int tid = static_cast<int>(threadIdx.x) - kWarpgroupThreads;
   const int warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, tq = lane & 3;
   const int row_base = wg * 64 + warp * 16;
-  const float scale = f.scale, scale_log2 = f.scale * kBwdLog2e;
+  const float scale = f.scale, scale_log2 = f.scale * kAttnLog2e;
   const int bs = f.block_size;
   // K-major A operands: this warpgroup's 64 rows of Q and dO.
   const uint32_t desc_q = make_desc_lo(sh.base + L::kQ + wg * 64 * 128, 16);
@@ -258,25 +258,13 @@ __device__ void consume(const BwdArgs& a, const DqShared& sh, int tiles, int64_t
       if (active) {
         const uint32_t sk = sh.base + L::kK + stage * L::kKeyBytes;
         const uint32_t sv = sh.base + L::kV + stage * L::kKeyBytes;
-        // S = Q K^T, dP = dO V^T: D/16 k-steps each; within a 64-column
-        // block a k-step moves the start address by 32 bytes, the next block
-        // is a whole tile column block further.
+        // S = Q K^T, dP = dO V^T.
         float s[kDqKeys / 2], dp[kDqKeys / 2];
         const uint32_t desc_k = make_desc_lo(sk, 16), desc_v = make_desc_lo(sv, 16);
         fence_proxy_async();
         wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-          const uint32_t a_off = (ks >> 2) * (kTileRows * 128) + (ks & 3) * 32;
-          const uint32_t b_off = (ks >> 2) * (kDqKeys * 128) + (ks & 3) * 32;
-          wgmma_ss<T, kDqKeys>(s, desc_q + (a_off >> 4), desc_k + (b_off >> 4), ks > 0 ? 1 : 0);
-        }
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-          const uint32_t a_off = (ks >> 2) * (kTileRows * 128) + (ks & 3) * 32;
-          const uint32_t b_off = (ks >> 2) * (kDqKeys * 128) + (ks & 3) * 32;
-          wgmma_ss<T, kDqKeys>(dp, desc_do + (a_off >> 4), desc_v + (b_off >> 4), ks > 0 ? 1 : 0);
-        }
+        wgmma_ss_k_major<T, kDqKeys, D, kTileRows, kDqKeys>(s, desc_q, desc_k);
+        wgmma_ss_k_major<T, kDqKeys, D, kTileRows, kDqKeys>(dp, desc_do, desc_v);
         wgmma_commit();
         wgmma_wait_all();
         fence_operands(s);
@@ -313,9 +301,7 @@ __device__ void consume(const BwdArgs& a, const DqShared& sh, int tiles, int64_t
         const uint32_t desc_kt = make_desc_lo(sk, kDqKeys * 128);
         fence_operands(dq);
         wgmma_fence();
-#pragma unroll
-        for (int kc = 0; kc < kDqKeys / 16; ++kc)
-          wgmma_rs_tb<T, D>(dq, ds[kc], desc_kt + ((kc * 16 * 128) >> 4));
+        wgmma_rs_tb_steps<T, D>(dq, ds, desc_kt);
         wgmma_commit();
         wgmma_wait_all();
         fence_operands(dq);

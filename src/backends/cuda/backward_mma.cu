@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(kKvThreads) dkv_kernel(const BwdArgs a) {
   cp_async_commit();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  const float scale_log2 = f.scale * kBwdLog2e;
+  const float scale_log2 = f.scale * kAttnLog2e;
   // This thread's keys: rows g and g + 8 of the warp's 16.
   const int key_lo = t0 + warp * 16 + g;
   float dk[kDT][4], dv[kDT][4];
@@ -371,7 +371,7 @@ __device__ void dq_tile(const BwdArgs& a, uint8_t* smem, const DqRow* rows, int 
     lse2[h] = r.lse2;
     delta[h] = r.delta;
   }
-  const float scale_log2 = f.scale * kBwdLog2e;
+  const float scale_log2 = f.scale * kAttnLog2e;
   float dq[kDT][4];
   zero(dq);
 
@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(kDqThreads) dq_kernel(const BwdArgs a) {
     x.q = row * f.q_ts + static_cast<int64_t>(head) * f.q_hs;
     x.dout = row * a.do_ts + static_cast<int64_t>(head) * a.do_hs;
     x.out = out;
-    x.lse2 = f.lse[static_cast<int64_t>(head) * f.lse_hs + row * f.lse_ts] * kBwdLog2e;
+    x.lse2 = f.lse[static_cast<int64_t>(head) * f.lse_hs + row * f.lse_ts] * kAttnLog2e;
     x.delta = a.delta[row * f.heads_q + head];
     x.first = first;
     x.pos = pos;

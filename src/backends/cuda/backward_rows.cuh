@@ -11,11 +11,10 @@
 #include <climits>
 #include <cstdint>
 
+#include "backends/cuda/attention_common.cuh"
 #include "backends/cuda/backward.cuh"
 
 namespace moba::backends::cuda::detail {
-
-inline constexpr float kBwdLog2e = 1.4426950408889634f;
 
 // One gathered row of the key-major kernels.
 struct KvRow {
@@ -126,7 +125,7 @@ __device__ __forceinline__ KvRow kv_row(const BwdArgs& a, const KvRowSource& s, 
     x.q = static_cast<int64_t>(row) * f.q_ts + static_cast<int64_t>(head) * f.q_hs;
     x.dout = static_cast<int64_t>(row) * a.do_ts + static_cast<int64_t>(head) * a.do_hs;
     x.lse2 = f.lse[static_cast<int64_t>(head) * f.lse_hs + static_cast<int64_t>(row) * f.lse_ts] *
-             kBwdLog2e;
+             kAttnLog2e;
     x.delta = a.delta[static_cast<int64_t>(row) * f.heads_q + head];
     x.pos = pos;
   } else {

@@ -194,7 +194,7 @@ __device__ void consume(const BwdArgs& a, const KvTile& kt, const DkvShared& sh,
   // barrier protocol going. The shuffle makes the flag visibly warp-uniform
   // for ptxas (the wgmma under it stay unserialised).
   const bool active = __shfl_sync(0xffffffffu, kt.t0 + wg * kWgKeys < t1 ? 1 : 0, 0) != 0;
-  const float scale = f.scale, scale_log2 = f.scale * kBwdLog2e;
+  const float scale = f.scale, scale_log2 = f.scale * kAttnLog2e;
   // K-major A operands: this warpgroup's 64 rows of K and V.
   const uint32_t desc_k = make_desc_lo(sh.base + L::kK + wg * kWgKeys * 128, 16);
   const uint32_t desc_v = make_desc_lo(sh.base + L::kV + wg * kWgKeys * 128, 16);
@@ -214,25 +214,13 @@ __device__ void consume(const BwdArgs& a, const KvTile& kt, const DkvShared& sh,
     if (active) {
       const uint32_t sq = sh.base + L::kStage0 + stage * L::kStageBytes;
       const uint32_t sdo = sq + L::kRowBytes;
-      // S^T = K_w Q^T, dP^T = V_w dO^T: D/16 k-steps each; within a
-      // 64-column block a k-step moves the start address by 32 bytes, the
-      // next block is a whole tile column block further.
+      // S^T = K_w Q^T, dP^T = V_w dO^T.
       float st[kRows / 2], dpt[kRows / 2];
       const uint32_t desc_q = make_desc_lo(sq, 16), desc_do = make_desc_lo(sdo, 16);
       fence_proxy_async();
       wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        const uint32_t a_off = (ks >> 2) * (kKeyTile * 128) + (ks & 3) * 32;
-        const uint32_t b_off = (ks >> 2) * (kRows * 128) + (ks & 3) * 32;
-        wgmma_ss<T, kRows>(st, desc_k + (a_off >> 4), desc_q + (b_off >> 4), ks > 0 ? 1 : 0);
-      }
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        const uint32_t a_off = (ks >> 2) * (kKeyTile * 128) + (ks & 3) * 32;
-        const uint32_t b_off = (ks >> 2) * (kRows * 128) + (ks & 3) * 32;
-        wgmma_ss<T, kRows>(dpt, desc_v + (a_off >> 4), desc_do + (b_off >> 4), ks > 0 ? 1 : 0);
-      }
+      wgmma_ss_k_major<T, kRows, D, kKeyTile, kRows>(st, desc_k, desc_q);
+      wgmma_ss_k_major<T, kRows, D, kKeyTile, kRows>(dpt, desc_v, desc_do);
       wgmma_commit();
       wgmma_wait_all();
       fence_operands(st);
@@ -278,12 +266,8 @@ __device__ void consume(const BwdArgs& a, const KvTile& kt, const DkvShared& sh,
       fence_operands(dv);
       fence_operands(dk);
       wgmma_fence();
-#pragma unroll
-      for (int kc = 0; kc < kRows / 16; ++kc)
-        wgmma_rs_tb<T, D>(dv, p[kc], desc_do_t + ((kc * 16 * 128) >> 4));
-#pragma unroll
-      for (int kc = 0; kc < kRows / 16; ++kc)
-        wgmma_rs_tb<T, D>(dk, ds[kc], desc_q_t + ((kc * 16 * 128) >> 4));
+      wgmma_rs_tb_steps<T, D>(dv, p, desc_do_t);
+      wgmma_rs_tb_steps<T, D>(dk, ds, desc_q_t);
       wgmma_commit();
       wgmma_wait_all();
       fence_operands(dv);

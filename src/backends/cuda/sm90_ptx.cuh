@@ -408,6 +408,34 @@ __device__ __forceinline__ void wgmma_ss<__half, 64>(float (&d)[32], uint32_t de
       : "r"(desc_a), "r"(desc_b), "n"(kDescHi), "r"(scale_d));
 }
 
+// A whole product over K = D on 128-byte-swizzled K-major tiles (column
+// blocks of 64 elements, rows of 128 bytes): D / 16 k-steps, issued only
+// (the caller fences, commits and waits). Within a column block a k-step
+// moves the start address by 32 bytes; the next block is a whole column block
+// of the tile further (kARows or kBRows rows x 128 bytes). The first k-step
+// overwrites d.
+template <class T, int N, int D, int kARows, int kBRows>
+__device__ __forceinline__ void wgmma_ss_k_major(float (&d)[N / 2], uint32_t desc_a,
+                                                 uint32_t desc_b) {
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const uint32_t a_off = (ks >> 2) * (kARows * 128) + (ks & 3) * 32;
+    const uint32_t b_off = (ks >> 2) * (kBRows * 128) + (ks & 3) * 32;
+    wgmma_ss<T, N>(d, desc_a + (a_off >> 4), desc_b + (b_off >> 4), ks > 0 ? 1 : 0);
+  }
+}
+
+// d += A B over kSteps k-steps of 16: A in registers (m16n8k16 A fragments,
+// one per k-step), B an MN-major row-major tile read "transposed" (desc_b's
+// leading byte offset the distance between its 64-column blocks); a k-step
+// is 16 rows = 2048 bytes. Issued only.
+template <class T, int N, int kSteps>
+__device__ __forceinline__ void wgmma_rs_tb_steps(float (&d)[N / 2], const uint32_t (&a)[kSteps][4],
+                                                  uint32_t desc_b) {
+#pragma unroll
+  for (int kc = 0; kc < kSteps; ++kc) wgmma_rs_tb<T, N>(d, a[kc], desc_b + ((kc * 16 * 128) >> 4));
+}
+
 }  // namespace moba::backends::cuda::detail::sm90
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
