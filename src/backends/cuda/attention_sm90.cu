@@ -540,15 +540,17 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 // MOBA_CUDA_SM90_PINGPONG=0 turns the consumer ping-pong off (read once; for
 // A/B measurements of its effect).
 bool pingpong_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("MOBA_CUDA_SM90_PINGPONG");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return enabled;
+  static const ProcessSwitch knob("MOBA_CUDA_SM90_PINGPONG");
+  return knob.on(true);
 }
 
 std::atomic<int> g_sm90_stages_override{0};
-std::atomic<int> g_sm90_overlap_override{-1};
+
+// MOBA_CUDA_SM90_OVERLAP and its test override.
+ProcessSwitch& overlap_switch() {
+  static ProcessSwitch knob("MOBA_CUDA_SM90_OVERLAP");
+  return knob;
+}
 
 // The K/V pipeline depth: 3 stages by default (at D 128 with one Q buffer),
 // MOBA_CUDA_SM90_STAGES=2 the first version's 2 stages with two Q buffers
@@ -567,12 +569,7 @@ int sm90_stages() {
 // MOBA_CUDA_SM90_OVERLAP=0 turns it off (read once),
 // set_sm90_overlap_override for tests.
 bool sm90_overlap() {
-  static const bool env_value = [] {
-    const char* v = std::getenv("MOBA_CUDA_SM90_OVERLAP");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  const int forced = g_sm90_overlap_override.load(std::memory_order_relaxed);
-  return forced >= 0 ? forced != 0 : env_value;
+  return overlap_switch().on(true);
 }
 
 template <class T, int D, AttnMode kMode, int kStages, bool kOverlap>
@@ -581,18 +578,9 @@ cudaError_t launch_sm90_variant(const AttnArgs& a, cudaStream_t stream) {
   const auto kernel = attention_sm90_kernel<T, D, kMode, kStages, kOverlap>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  int device = 0, sms = 0;
-  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
-    return err;
-  // Persistent: one CTA per SM (the shared memory and registers allow no more).
-  int64_t ctas;
-  if constexpr (kMode == AttnMode::past)
-    ctas = a.grid;
-  else
-    ctas = static_cast<int64_t>(a.tile_end - a.tile_begin) * a.heads_q;
-  ctas = std::min<int64_t>(ctas, sms);
-  if (ctas <= 0) return cudaSuccess;
+  int64_t ctas = 0;
+  if ((err = sm90_persistent_ctas<kMode>(a, ctas)) != cudaSuccess) return err;
+  if (ctas == 0) return cudaSuccess;
   kernel<<<static_cast<unsigned>(ctas), kSm90Threads, smem, stream>>>(a,
                                                                       pingpong_enabled() ? 1 : 0);
   return cudaGetLastError();
@@ -621,7 +609,11 @@ cudaError_t launch_sm90_mode(AttnMode mode, const AttnArgs& a, cudaStream_t stre
   return cudaErrorInvalidValue;
 }
 
-std::atomic<int> g_sm90_override{-1};
+// MOBA_CUDA_SM90 and its test override.
+ProcessSwitch& sm90_switch() {
+  static ProcessSwitch knob("MOBA_CUDA_SM90");
+  return knob;
+}
 
 // Whether the sm_90a body of the kernels is what the current device loads:
 // only that body declares the static shared barriers.
@@ -640,19 +632,11 @@ bool sm90_body_loaded() {
 }  // namespace
 
 bool sm90_attention_wanted(bool dense, int block_size) {
-  static const int env_value = [] {
-    const char* v = std::getenv("MOBA_CUDA_SM90");
-    if (v == nullptr || *v == '\0') return -1;
-    return std::strcmp(v, "0") == 0 ? 0 : 1;
-  }();
-  const int override_value = g_sm90_override.load(std::memory_order_relaxed);
-  const int forced = override_value >= 0 ? override_value : env_value;
-  if (forced >= 0) return forced != 0;
-  return dense || block_size >= kSm90MinBlockSize;
+  return sm90_switch().on(dense || block_size >= kSm90MinBlockSize);
 }
 
 void set_sm90_attention_override(int allow) {
-  g_sm90_override.store(allow < 0 ? -1 : (allow != 0 ? 1 : 0), std::memory_order_relaxed);
+  sm90_switch().set_override(allow);
 }
 
 void set_sm90_stages_override(int stages) {
@@ -660,8 +644,7 @@ void set_sm90_stages_override(int stages) {
 }
 
 void set_sm90_overlap_override(int overlap) {
-  g_sm90_overlap_override.store(overlap < 0 ? -1 : (overlap != 0 ? 1 : 0),
-                                std::memory_order_relaxed);
+  overlap_switch().set_override(overlap);
 }
 
 bool sm90_attention_supported() {

@@ -44,17 +44,15 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "backends/cuda/backward.cuh"
 #include "backends/cuda/backward_dq_rows.cuh"
 #include "backends/cuda/backward_rows.cuh"
 #include "backends/cuda/sm90_backward_switch.cuh"
 #include "backends/cuda/sm90_ptx.cuh"
+#include "backends/cuda/sm90_switch.cuh"
 #include "backends/cuda/sm90_tiles.cuh"
 
 namespace moba::backends::cuda::detail {
@@ -378,20 +376,11 @@ cudaError_t dq_sm90_typed(const BwdArgs& a, cudaStream_t stream) {
   const auto kernel = dq_sm90_kernel<T, D, kMode>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  int device = 0, sms = 0;
-  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
-    return err;
-  // Persistent: one CTA per SM (the shared memory and registers allow no
-  // more). a.f.grid is the mma.sync kernel's past grid (at most 2 per SM,
-  // at most the descriptor bound).
-  int64_t ctas;
-  if constexpr (kMode == AttnMode::past)
-    ctas = a.f.grid;
-  else
-    ctas = static_cast<int64_t>(a.f.tile_end - a.f.tile_begin) * a.f.heads_q;
-  ctas = std::min<int64_t>(ctas, sms);
-  if (ctas <= 0) return cudaSuccess;
+  // a.f.grid is the mma.sync kernel's past grid (at most 2 per SM, at most
+  // the descriptor bound): capped at one per SM here.
+  int64_t ctas = 0;
+  if ((err = sm90_persistent_ctas<kMode>(a.f, ctas)) != cudaSuccess) return err;
+  if (ctas == 0) return cudaSuccess;
   kernel<<<static_cast<unsigned>(ctas), kDqThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
@@ -409,7 +398,11 @@ cudaError_t dq_sm90_mode(AttnMode mode, const BwdArgs& a, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-std::atomic<int> g_bwd_sm90_dq_override{-1};
+// MOBA_CUDA_SM90_BWD_DQ and its test override.
+ProcessSwitch& dq_switch() {
+  static ProcessSwitch knob("MOBA_CUDA_SM90_BWD_DQ");
+  return knob;
+}
 
 // Whether the loaded code of the kernel is its sm_90a body: only that body
 // declares static shared memory.
@@ -426,12 +419,7 @@ bool dq_sm90_body_loaded() {
 }  // namespace
 
 bool bwd_sm90_dq_enabled() {
-  static const int env_value = [] {
-    const char* v = std::getenv("MOBA_CUDA_SM90_BWD_DQ");
-    return v != nullptr && std::strcmp(v, "0") == 0 ? 0 : 1;
-  }();
-  const int override_value = g_bwd_sm90_dq_override.load(std::memory_order_relaxed);
-  if ((override_value >= 0 ? override_value : env_value) == 0) return false;
+  if (!dq_switch().on(true)) return false;
   // The same answer on every device that passes bwd_sm90_supported() (they
   // load the same sm_90a code).
   static const bool body = dq_sm90_body_loaded();
@@ -439,7 +427,7 @@ bool bwd_sm90_dq_enabled() {
 }
 
 void set_sm90_backward_dq_override(int allow) {
-  g_bwd_sm90_dq_override.store(allow < 0 ? -1 : (allow != 0 ? 1 : 0), std::memory_order_relaxed);
+  dq_switch().set_override(allow);
 }
 
 cudaError_t launch_bwd_dq_sm90(Elem elem, AttnMode mode, const BwdArgs& a, cudaStream_t stream) {

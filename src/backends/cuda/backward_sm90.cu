@@ -35,10 +35,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "backends/cuda/backward.cuh"
 #include "backends/cuda/backward_rows.cuh"
@@ -362,7 +359,11 @@ cudaError_t dkv_sm90_typed(const BwdArgs& a, int64_t items, cudaStream_t stream)
   return cudaGetLastError();
 }
 
-std::atomic<int> g_bwd_sm90_override{-1};
+// MOBA_CUDA_SM90_BWD and its test override.
+ProcessSwitch& bwd_switch() {
+  static ProcessSwitch knob("MOBA_CUDA_SM90_BWD");
+  return knob;
+}
 
 // Whether the loaded code of the kernel is its sm_90a body: only that body
 // declares static shared memory.
@@ -378,19 +379,11 @@ bool dkv_sm90_body_loaded() {
 }  // namespace
 
 bool bwd_sm90_wanted(bool dense, int block_size) {
-  static const int env_value = [] {
-    const char* v = std::getenv("MOBA_CUDA_SM90_BWD");
-    if (v == nullptr || *v == '\0') return -1;
-    return std::strcmp(v, "0") == 0 ? 0 : 1;
-  }();
-  const int override_value = g_bwd_sm90_override.load(std::memory_order_relaxed);
-  const int forced = override_value >= 0 ? override_value : env_value;
-  if (forced >= 0) return forced != 0;
-  return kSm90BackwardByDefault && (dense || block_size >= kSm90MinBlockSize);
+  return bwd_switch().on(kSm90BackwardByDefault && (dense || block_size >= kSm90MinBlockSize));
 }
 
 void set_sm90_backward_override(int allow) {
-  g_bwd_sm90_override.store(allow < 0 ? -1 : (allow != 0 ? 1 : 0), std::memory_order_relaxed);
+  bwd_switch().set_override(allow);
 }
 
 bool bwd_sm90_supported() {

@@ -4,7 +4,43 @@
 // CUDA headers), so tests can include it.
 #pragma once
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
 namespace moba::backends::cuda::detail {
+
+/// A process-wide on/off knob of the Hopper kernels: an override for tests
+/// (set_override: -1 none, 0 off, 1 on) over an environment variable read
+/// once, when the knob is first used (unset or empty: no say; "0": off;
+/// anything else: on). Meant as a function-local static.
+class ProcessSwitch {
+ public:
+  explicit ProcessSwitch(const char* env_name) : env_(read_env(env_name)) {}
+  /// 0 or 1 where the override or else the environment says so, -1 where
+  /// neither does.
+  int forced() const {
+    const int o = override_.load(std::memory_order_relaxed);
+    return o >= 0 ? o : env_;
+  }
+  /// Whether the knob is on, `fallback` where nothing forces it.
+  bool on(bool fallback) const {
+    const int f = forced();
+    return f >= 0 ? f != 0 : fallback;
+  }
+  void set_override(int value) {
+    override_.store(value < 0 ? -1 : (value != 0 ? 1 : 0), std::memory_order_relaxed);
+  }
+
+ private:
+  static int read_env(const char* name) {
+    const char* v = std::getenv(name);
+    if (v == nullptr || *v == '\0') return -1;
+    return std::strcmp(v, "0") == 0 ? 0 : 1;
+  }
+  const int env_;
+  std::atomic<int> override_{-1};
+};
 
 /// Blocks below this size keep the mma.sync kernel in the routed modes by
 /// default: on an H100, config S (block 128) ran its forward in 148 ms with

@@ -5,17 +5,42 @@
 // tiles, the decoding of a launch's tiles in the three modes, and the copy of
 // a tile's 128 rows of a query-like tensor (gathered in past mode).
 //
-// Only in the sm_90a device pass (__CUDA_ARCH_FEAT_SM90_ALL), as the kernels'
-// bodies (sm90_ptx.cuh says why).
+// The device code exists only in the sm_90a device pass
+// (__CUDA_ARCH_FEAT_SM90_ALL), as the kernels' bodies (sm90_ptx.cuh says why);
+// the launchers' grid size is host code.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "backends/cuda/attention_common.cuh"
 #include "backends/cuda/kernels.cuh"
 #include "backends/cuda/sm90_ptx.cuh"
+
+namespace moba::backends::cuda::detail {
+
+// The persistent grid of these kernels: one CTA per SM at most (their shared
+// memory and registers allow no more), and no more than there is work: past
+// mode a.grid (the launch's descriptor bound), else one per (row tile, query
+// head). 0 when there is nothing to launch.
+template <AttnMode kMode>
+cudaError_t sm90_persistent_ctas(const AttnArgs& a, int64_t& ctas) {
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
+    return err;
+  if constexpr (kMode == AttnMode::past)
+    ctas = a.grid;
+  else
+    ctas = static_cast<int64_t>(a.tile_end - a.tile_begin) * a.heads_q;
+  ctas = std::clamp<int64_t>(ctas, 0, sms);
+  return cudaSuccess;
+}
+
+}  // namespace moba::backends::cuda::detail
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 

@@ -630,6 +630,38 @@ namespace {
 
 namespace cuda_detail = ::moba::backends::cuda::detail;
 
+// The knob behind the MOBA_CUDA_SM90* switches (no GPU needed): the
+// environment read when the knob is made, the test override above it.
+TEST(Sm90Switch, OverrideThenEnvironmentThenFallback) {
+  ::setenv("MOBA_TEST_KNOB_OFF", "0", 1);
+  ::setenv("MOBA_TEST_KNOB_ON", "yes", 1);
+  ::setenv("MOBA_TEST_KNOB_EMPTY", "", 1);
+  ::unsetenv("MOBA_TEST_KNOB_UNSET");
+  cuda_detail::ProcessSwitch off("MOBA_TEST_KNOB_OFF"), on("MOBA_TEST_KNOB_ON");
+  cuda_detail::ProcessSwitch empty("MOBA_TEST_KNOB_EMPTY"), unset("MOBA_TEST_KNOB_UNSET");
+  EXPECT_EQ(off.forced(), 0);
+  EXPECT_EQ(on.forced(), 1);
+  EXPECT_EQ(empty.forced(), -1);
+  EXPECT_EQ(unset.forced(), -1);
+  EXPECT_FALSE(off.on(true));
+  EXPECT_TRUE(on.on(false));
+  EXPECT_TRUE(unset.on(true));
+  EXPECT_FALSE(unset.on(false));
+  // Read once: a later change of the environment does not count.
+  ::setenv("MOBA_TEST_KNOB_UNSET", "1", 1);
+  EXPECT_EQ(unset.forced(), -1);
+  off.set_override(7);  // any non-zero value is "on"
+  EXPECT_TRUE(off.on(false));
+  on.set_override(0);
+  EXPECT_FALSE(on.on(true));
+  on.set_override(-3);  // negative: back to the environment
+  EXPECT_TRUE(on.on(false));
+  ::unsetenv("MOBA_TEST_KNOB_OFF");
+  ::unsetenv("MOBA_TEST_KNOB_ON");
+  ::unsetenv("MOBA_TEST_KNOB_EMPTY");
+  ::unsetenv("MOBA_TEST_KNOB_UNSET");
+}
+
 // Pins the attention kernel while alive; afterwards MOBA_CUDA_SM90 decides.
 class PinAttentionKernel {
  public:
