@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <numeric>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -395,13 +396,15 @@ TEST(CudaDecode, SmallBudgetAndManyBlocks) {
 // group 16 (two 8-row passes per chunk), dense, and chunked prefill (every
 // round decodes the tokens it appended, so key tiles are cut by each row's
 // position).
-TEST(CudaDecode, ForcedSplitsCutUnitsIntoShortChunks) {
-  SKIP_WITHOUT_GPU();
-  struct Case {
-    const char* split;
-    Shape shape;
-  };
-  std::vector<Case> cases(7);
+struct ForcedSplitCase {
+  const char* name;
+  const char* split;
+  Shape shape;
+};
+
+std::vector<ForcedSplitCase> forced_split_cases() {
+  std::vector<ForcedSplitCase> cases(7);
+  cases[0].name = "chunks_48_48_4_block100_page4";
   cases[0].split = "3";  // chunks of 48, 48 and 4 keys
   cases[0].shape.lens = {450, 233};
   cases[0].shape.heads_q = 16;
@@ -409,6 +412,7 @@ TEST(CudaDecode, ForcedSplitsCutUnitsIntoShortChunks) {
   cases[0].shape.block_size = 100;
   cases[0].shape.page_size = 4;
   cases[0].shape.top_k = 3;
+  cases[1].name = "unequal_warps_block512_shared_bf16";
   cases[1].split = "7";  // 6 chunks of 80 keys (warps 2, 1, 1, 1 tiles) and one of 32
   cases[1].shape.lens = {1100};
   cases[1].shape.heads_q = 8;
@@ -420,10 +424,12 @@ TEST(CudaDecode, ForcedSplitsCutUnitsIntoShortChunks) {
   cases[1].shape.shared = true;
   cases[1].shape.dtype = DType::bfloat16;
   cases[2] = cases[1];
+  cases[2].name = "whole_blocks_block512_fp16";
   cases[2].split = "1";  // whole blocks: 32 tiles per CTA, 8 per warp
   cases[2].shape.page_size = 64;
   cases[2].shape.shared = false;
   cases[2].shape.dtype = DType::float16;
+  cases[3].name = "one_tile_chunks_block40_page8";
   cases[3].split = "32";  // more chunks than tiles: chunks of one tile
   cases[3].shape.lens = {261, 77, 140};
   cases[3].shape.heads_q = 4;
@@ -432,6 +438,7 @@ TEST(CudaDecode, ForcedSplitsCutUnitsIntoShortChunks) {
   cases[3].shape.page_size = 8;
   cases[3].shape.top_k = 2;
   cases[3].shape.dtype = DType::bfloat16;
+  cases[4].name = "dense_group8_block16";
   cases[4].split = "5";  // dense: units of 64 keys in chunks of 16
   cases[4].shape.lens = {300, 130};
   cases[4].shape.heads_q = 16;
@@ -439,6 +446,7 @@ TEST(CudaDecode, ForcedSplitsCutUnitsIntoShortChunks) {
   cases[4].shape.head_dim = 128;
   cases[4].shape.block_size = 16;
   cases[4].shape.top_k = 100;
+  cases[5].name = "pages_of_48_block144_shared";
   cases[5].split = "2";  // pages of 48 keys: whole tiles in one page, found by a division
   cases[5].shape.lens = {500, 61};
   cases[5].shape.heads_q = 8;
@@ -447,6 +455,7 @@ TEST(CudaDecode, ForcedSplitsCutUnitsIntoShortChunks) {
   cases[5].shape.page_size = 48;
   cases[5].shape.top_k = 2;
   cases[5].shape.shared = true;
+  cases[6].name = "pages_of_12_block36_bf16";
   cases[6].split = "2";  // pages of 12 keys: every key looked up (a division each)
   cases[6].shape.lens = {300, 100};
   cases[6].shape.heads_q = 4;
@@ -456,13 +465,27 @@ TEST(CudaDecode, ForcedSplitsCutUnitsIntoShortChunks) {
   cases[6].shape.page_size = 12;
   cases[6].shape.top_k = 3;
   cases[6].shape.dtype = DType::bfloat16;
-  for (const Case& c : cases) {
-    const ScopedEnv split("MOBA_CUDA_DECODE_SPLIT", c.split);
-    SCOPED_TRACE(std::string("MOBA_CUDA_DECODE_SPLIT=") + c.split);
-    run_rounds(c.shape, true, 6);
-    if (::testing::Test::HasFailure()) return;
-  }
+  return cases;
 }
+
+void PrintTo(const ForcedSplitCase& c, std::ostream* os) {
+  *os << c.name;
+}
+
+// One case per test, so a sanitizer run can take any subset by name.
+class CudaDecodeForcedSplits : public ::testing::TestWithParam<ForcedSplitCase> {};
+
+TEST_P(CudaDecodeForcedSplits, CutUnitsIntoShortChunks) {
+  SKIP_WITHOUT_GPU();
+  const ForcedSplitCase& c = GetParam();
+  const ScopedEnv split("MOBA_CUDA_DECODE_SPLIT", c.split);
+  run_rounds(c.shape, true, 6);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, CudaDecodeForcedSplits, ::testing::ValuesIn(forced_split_cases()),
+                         [](const ::testing::TestParamInfo<ForcedSplitCase>& info) {
+                           return std::string(info.param.name);
+                         });
 
 // One long sequence at batch 1: few (sequence, kv head, block) work items,
 // so the launch splits every block into many key chunks (up to block / 128)
