@@ -16,6 +16,8 @@
 #   MOBA_BLAS_DIR for pkg, where the machine has no Debian libopenblas-pthread-dev:
 #                 a folder with cblas.h and libopenblas.so.0 (the package links it)
 #   SRC           for pkg, the source tree to build (default: this checkout)
+#   PIP_TARGET    for pkg, install into this folder (put it on PYTHONPATH); pkg builds
+#                 without isolation: scikit-build-core and nanobind must be importable
 set -uo pipefail
 dir=$1
 steps=${2:-tests,memcheck,racecheck,bwd_tests,bwd_memcheck,bwd_racecheck,dec_tests,dec_memcheck,dec_racecheck,check,bench}
