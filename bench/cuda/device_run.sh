@@ -29,78 +29,50 @@ test_bin="$dir/test_cuda_forward"
 bwd_bin="$dir/test_cuda_backward"
 dec_bin="$dir/test_cuda_decode"
 has() { [[ ",$steps," == *",$1,"* ]]; }
+# run_step NAME SECONDS PATTERN CMD...: CMD under a time limit, its output in
+# $OUT/NAME.log; prints the exit status and the log's lines matching PATTERN.
+run_step() {
+  local name=$1 limit=$2 pattern=$3
+  shift 3
+  echo "== $name"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "$name rc=$?" | tee -a "$out/$name.log"
+  grep -E "$pattern" "$out/$name.log" | head -40
+}
+san=(compute-sanitizer --error-exitcode 9)
+race=("${san[@]}" --tool racecheck --racecheck-report all)
+mem=("${san[@]}" --tool memcheck)
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/device.txt"
 
-if has tests; then
-  echo "== tests"
-  timeout 240 "$test_bin" --gtest_brief=1 >"$out/tests.log" 2>&1
-  echo "tests rc=$?" | tee -a "$out/tests.log"
-  grep -E "PASSED|FAILED|Failure|error|rc=" "$out/tests.log" | head -60
-fi
+# The sanitizer subsets: every kernel mode of each suite at small sizes
+# (racecheck tracks every shared-memory access, so the smallest cases).
+fwd_mem='CudaRouting.BlockCountsAroundTheUnitBoundaries:CudaForward.ManyChunksWithSmallBlocks:CudaForwardSm90.AgreesWithMmaSyncKernel:Shapes/CudaSweep.MatchesReference/varlen_empty_tiny_bf16_d128_gqa4:Shapes/CudaSweep.MatchesReference/tiny_block_3_wide_top_k_fp16:Shapes/CudaSweep.MatchesReference/tiny_block_16_shared_fp16:Shapes/CudaSweep.MatchesReference/block_4096_chunked_bf16:CudaForward.ManyChunksGiveTheSameResult:CudaForward.InvalidDeviceCuSeqlensGiveNaN:CudaForward.DenseSwitchWithChunkedPrefill:CudaForward.StridedViewsMatchContiguous'
+fwd_race='CudaRouting.BlockCountsAroundTheUnitBoundaries:CudaRouting.GqaWithSmallBlocks:Shapes/CudaSweep.MatchesReference/varlen_empty_tiny_bf16_d128_gqa4:Shapes/CudaSweep.MatchesReference/tiny_block_16_shared_fp16:CudaForward.ManyChunksGiveTheSameResult:CudaForward.DenseSwitchWithChunkedPrefill'
+# Backward: the Hopper kernels' 13-shape comparison (both kernel pairs), routed
+# past/current dq, dense dq, key-major dK/dV with current rows and gathered
+# entries, several row and key tiles, a partial key tile, GQA 16, many chunks,
+# invalid input.
+bwd_mem='CudaBackwardSm90.AgreesWithMmaSyncKernels:Shapes/CudaBackwardSweep.DeterministicMatchesReference/varlen_empty_tiny_bf16_d128_gqa4:Shapes/CudaBackwardSweep.FastMatchesReference/tiny_block_16_shared_fp16:Shapes/CudaBackwardSweep.DeterministicMatchesReference/dense_chunked_prefill_bf16:Shapes/CudaBackwardSweep.FastMatchesReference/gqa16_block_200_fp16_d64:Shapes/CudaBackwardSweep.DeterministicMatchesReference/chunked_prefill_long_fp16_d128:CudaBackward.ManyChunksMatchOneChunk:CudaBackward.InvalidDeviceCuSeqlensGiveNaN:CudaBackward.KeysNoQueryAttendsGetZero'
+bwd_race='CudaBackwardSm90.ManyChunksMatchOneChunk:Shapes/CudaBackwardSweep.DeterministicMatchesReference/varlen_empty_tiny_bf16_d128_gqa4:Shapes/CudaBackwardSweep.FastMatchesReference/tiny_block_16_shared_fp16:Shapes/CudaBackwardSweep.DeterministicMatchesReference/dense_chunked_prefill_bf16:CudaBackward.InvalidDeviceCuSeqlensGiveNaN:CudaBackward.KeysNoQueryAttendsGetZero'
+# Decode: invalid input, edge shapes and every forced split (chunk geometry,
+# pages of every kind, dense, chunked prefill); each forced split is its own
+# test, so a racecheck cut short still shows which cases passed (OK lines).
+dec_mem='CudaDecodeInvalid.*:CudaDecode.EdgeShapes:Cases/CudaDecodeForcedSplits.*'
+dec_race='Cases/CudaDecodeForcedSplits.*:CudaDecode.CapturedInAGraph'
+tests_pat='PASSED|FAILED|Failure|error|Which is'
+mem_pat='ERROR SUMMARY|PASSED|FAILED|Invalid|OK \]'
+race_pat='RACECHECK SUMMARY|ERROR SUMMARY|PASSED|FAILED|hazard|OK \]'
 
-sanitize_filter='CudaRouting.BlockCountsAroundTheUnitBoundaries:CudaForward.ManyChunksWithSmallBlocks:CudaForwardSm90.AgreesWithMmaSyncKernel:Shapes/CudaSweep.MatchesReference/varlen_empty_tiny_bf16_d128_gqa4:Shapes/CudaSweep.MatchesReference/tiny_block_3_wide_top_k_fp16:Shapes/CudaSweep.MatchesReference/tiny_block_16_shared_fp16:Shapes/CudaSweep.MatchesReference/block_4096_chunked_bf16:CudaForward.ManyChunksGiveTheSameResult:CudaForward.InvalidDeviceCuSeqlensGiveNaN:CudaForward.DenseSwitchWithChunkedPrefill:CudaForward.StridedViewsMatchContiguous'
-if has memcheck; then
-  echo "== memcheck"
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$test_bin" --gtest_brief=1 --gtest_filter="$sanitize_filter" >"$out/memcheck.log" 2>&1
-  echo "memcheck rc=$?" | tee -a "$out/memcheck.log"
-  grep -E "ERROR SUMMARY|PASSED|FAILED|Invalid|rc=" "$out/memcheck.log" | head -20
-fi
-if has racecheck; then
-  echo "== racecheck"
-  race_filter='CudaRouting.BlockCountsAroundTheUnitBoundaries:CudaRouting.GqaWithSmallBlocks:Shapes/CudaSweep.MatchesReference/varlen_empty_tiny_bf16_d128_gqa4:Shapes/CudaSweep.MatchesReference/tiny_block_16_shared_fp16:CudaForward.ManyChunksGiveTheSameResult:CudaForward.DenseSwitchWithChunkedPrefill'
-  timeout 150 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 "$test_bin" --gtest_brief=1 --gtest_filter="$race_filter" >"$out/racecheck.log" 2>&1
-  echo "racecheck rc=$?" | tee -a "$out/racecheck.log"
-  grep -E "RACECHECK SUMMARY|ERROR SUMMARY|PASSED|FAILED|hazard|rc=" "$out/racecheck.log" | head -20
-fi
-if has bwd_tests; then
-  echo "== backward tests"
-  timeout 240 "$bwd_bin" --gtest_brief=1 >"$out/bwd_tests.log" 2>&1
-  echo "bwd_tests rc=$?" | tee -a "$out/bwd_tests.log"
-  grep -E "PASSED|FAILED|Failure|error|Which is|rc=" "$out/bwd_tests.log" | head -60
-fi
-# The backward's sanitizer subset: every kernel mode (the Hopper kernels' 13-shape
-# comparison, which runs both kernel pairs; routed past/current dq,
-# dense dq, key-major dK/dV with current rows and gathered entries, several
-# row and key tiles, a partial key tile, GQA 16), many chunks, invalid input.
-bwd_filter='CudaBackwardSm90.AgreesWithMmaSyncKernels:Shapes/CudaBackwardSweep.DeterministicMatchesReference/varlen_empty_tiny_bf16_d128_gqa4:Shapes/CudaBackwardSweep.FastMatchesReference/tiny_block_16_shared_fp16:Shapes/CudaBackwardSweep.DeterministicMatchesReference/dense_chunked_prefill_bf16:Shapes/CudaBackwardSweep.FastMatchesReference/gqa16_block_200_fp16_d64:Shapes/CudaBackwardSweep.DeterministicMatchesReference/chunked_prefill_long_fp16_d128:CudaBackward.ManyChunksMatchOneChunk:CudaBackward.InvalidDeviceCuSeqlensGiveNaN:CudaBackward.KeysNoQueryAttendsGetZero'
-if has bwd_memcheck; then
-  echo "== backward memcheck"
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$bwd_bin" --gtest_brief=1 --gtest_filter="$bwd_filter" >"$out/bwd_memcheck.log" 2>&1
-  echo "bwd_memcheck rc=$?" | tee -a "$out/bwd_memcheck.log"
-  grep -E "ERROR SUMMARY|PASSED|FAILED|Invalid|rc=" "$out/bwd_memcheck.log" | head -20
-fi
-if has bwd_racecheck; then
-  echo "== backward racecheck"
-  # Racecheck tracks every shared-memory access of the tensor-core kernels:
-  # the small cases only (they still cover every kernel and both modes).
-  bwd_race_filter='CudaBackwardSm90.ManyChunksMatchOneChunk:Shapes/CudaBackwardSweep.DeterministicMatchesReference/varlen_empty_tiny_bf16_d128_gqa4:Shapes/CudaBackwardSweep.FastMatchesReference/tiny_block_16_shared_fp16:Shapes/CudaBackwardSweep.DeterministicMatchesReference/dense_chunked_prefill_bf16:CudaBackward.InvalidDeviceCuSeqlensGiveNaN:CudaBackward.KeysNoQueryAttendsGetZero'
-  timeout 150 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 "$bwd_bin" --gtest_brief=1 --gtest_filter="$bwd_race_filter" >"$out/bwd_racecheck.log" 2>&1
-  echo "bwd_racecheck rc=$?" | tee -a "$out/bwd_racecheck.log"
-  grep -E "RACECHECK SUMMARY|ERROR SUMMARY|PASSED|FAILED|hazard|rc=" "$out/bwd_racecheck.log" | head -20
-fi
-if has dec_tests; then
-  echo "== decode tests"
-  timeout 240 "$dec_bin" --gtest_brief=1 >"$out/dec_tests.log" 2>&1
-  echo "dec_tests rc=$?" | tee -a "$out/dec_tests.log"
-  grep -E "PASSED|FAILED|Failure|error|rc=" "$out/dec_tests.log" | head -40
-fi
-# Invalid input, edge shapes and every forced split (chunk geometry, pages of
-# every kind, dense, chunked prefill); racecheck is slow on the forced splits,
-# so each case is its own test and prints its own OK line.
-dec_filter='CudaDecodeInvalid.*:CudaDecode.EdgeShapes:Cases/CudaDecodeForcedSplits.*'
-if has dec_memcheck; then
-  echo "== decode memcheck"
-  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 "$dec_bin" --gtest_filter="$dec_filter" >"$out/dec_memcheck.log" 2>&1
-  echo "dec_memcheck rc=$?" | tee -a "$out/dec_memcheck.log"
-  grep -E "ERROR SUMMARY|OK \]|FAILED|Invalid|rc=" "$out/dec_memcheck.log" | head -30
-fi
-if has dec_racecheck; then
-  echo "== decode racecheck"
-  timeout "${DEC_RACE_S:-300}" compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 9 "$dec_bin" --gtest_filter='Cases/CudaDecodeForcedSplits.*:CudaDecode.CapturedInAGraph' >"$out/dec_racecheck.log" 2>&1
-  echo "dec_racecheck rc=$?" | tee -a "$out/dec_racecheck.log"
-  grep -E "RACECHECK SUMMARY|ERROR SUMMARY|OK \]|FAILED|hazard|rc=" "$out/dec_racecheck.log" | head -30
-fi
+has tests && run_step tests 240 "$tests_pat" "$test_bin" --gtest_brief=1
+has memcheck && run_step memcheck 150 "$mem_pat" "${mem[@]}" "$test_bin" --gtest_brief=1 --gtest_filter="$fwd_mem"
+has racecheck && run_step racecheck 150 "$race_pat" "${race[@]}" "$test_bin" --gtest_brief=1 --gtest_filter="$fwd_race"
+has bwd_tests && run_step bwd_tests 240 "$tests_pat" "$bwd_bin" --gtest_brief=1
+has bwd_memcheck && run_step bwd_memcheck 150 "$mem_pat" "${mem[@]}" "$bwd_bin" --gtest_brief=1 --gtest_filter="$bwd_mem"
+has bwd_racecheck && run_step bwd_racecheck 150 "$race_pat" "${race[@]}" "$bwd_bin" --gtest_brief=1 --gtest_filter="$bwd_race"
+has dec_tests && run_step dec_tests 240 "$tests_pat" "$dec_bin" --gtest_brief=1
+has dec_memcheck && run_step dec_memcheck 200 "$mem_pat" "${mem[@]}" "$dec_bin" --gtest_filter="$dec_mem"
+has dec_racecheck && run_step dec_racecheck "${DEC_RACE_S:-300}" "$race_pat" "${race[@]}" "$dec_bin" --gtest_filter="$dec_race"
 if has check; then
   echo "== check"
   timeout 150 python3 bench/cuda/bench_forward.py --lib "$dir/libmoba.so" --check 2>&1 | tee "$out/check.log"
@@ -112,40 +84,29 @@ if has bench; then
 fi
 # The Python package (built here, CUDA for this GPU only) and its GPU tests.
 if has pkg; then
-  echo "== pkg"
   blas=()
   if [ -n "${MOBA_BLAS_DIR:-}" ]; then
     blas=(-Ccmake.define.MOBA_CBLAS_INCLUDE_DIR="$MOBA_BLAS_DIR" -Ccmake.define.MOBA_BLAS_LIBRARY="$MOBA_BLAS_DIR/libopenblas.so.0")
   fi
   arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
   [ "$arch" = 90 ] && arch=90a
-  timeout 600 python3 -m pip install -q --no-deps --no-build-isolation ${PIP_TARGET:+--target "$PIP_TARGET"} \
-    -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" "${blas[@]}" -Cbuild-dir=/tmp/moba-skbuild "${SRC:-.}" >"$out/pkg.log" 2>&1
-  echo "pkg rc=$?" | tee -a "$out/pkg.log"
-  tail -5 "$out/pkg.log"
+  run_step pkg 600 "rror" python3 -m pip install -q --no-deps --no-build-isolation ${PIP_TARGET:+--target "$PIP_TARGET"} \
+    -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" "${blas[@]}" -Cbuild-dir=/tmp/moba-skbuild "${SRC:-.}"
 fi
-if has pytest; then
-  echo "== pytest"
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_decode.py tests/python/test_cuda.py >"$out/pytest.log" 2>&1
-  echo "pytest rc=$?" | tee -a "$out/pytest.log"
-  tail -5 "$out/pytest.log"
-fi
+has pytest && run_step pytest 300 "passed|failed|rror" python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_decode.py tests/python/test_cuda.py
 # The Hopper backward kernels against the mma.sync ones, same process settings
 # otherwise: MOBA_CUDA_SM90_BWD=0 forbids them, =1 forces them.
 if has bwd_ab; then
   for v in 0 1; do
-    echo "== bwd_ab MOBA_CUDA_SM90_BWD=$v"
-    MOBA_CUDA_SM90_BWD=$v timeout 120 python3 bench/cuda/bench_backward.py --configs P --tokens 131072,262144 \
-      --methods moba_fast --max-reps 3 --out "$out/bwd_ab_$v.json" 2>&1 | tee "$out/bwd_ab_$v.log" | grep -E "moba_fast|rror"
+    MOBA_CUDA_SM90_BWD=$v run_step "bwd_ab_$v" 120 "moba_fast|rror" python3 bench/cuda/bench_backward.py \
+      --configs P --tokens 131072,262144 --methods moba_fast --max-reps 3 --out "$out/bwd_ab_$v.json"
   done
 fi
 # Nsight Compute on one dense forward launch (the Hopper kernel at 32K):
 # tensor-pipe use, stalls, shared-memory traffic; details page and SASS.
 if has ncu; then
-  echo "== ncu"
-  timeout 150 ncu --clock-control none --set full --import-source no -k regex:attention_sm90 --launch-skip 1 --launch-count 1 \
-    -f -o /tmp/moba-dense32k python3 bench/cuda/one_forward.py --lib "$dir/libmoba.so" --config dense_switch --tokens 32768 >"$out/ncu.log" 2>&1
-  echo "ncu rc=$?" | tee -a "$out/ncu.log"
+  run_step ncu 150 "==PROF==|rror" ncu --clock-control none --set full --import-source no -k regex:attention_sm90 --launch-skip 1 --launch-count 1 \
+    -f -o /tmp/moba-dense32k python3 bench/cuda/one_forward.py --lib "$dir/libmoba.so" --config dense_switch --tokens 32768
   if [ -f /tmp/moba-dense32k.ncu-rep ]; then
     ncu --import /tmp/moba-dense32k.ncu-rep --page details >"$out/ncu_details.txt" 2>&1
     ncu --import /tmp/moba-dense32k.ncu-rep --page source --print-source sass --csv 2>&1 | xz -1 >"$out/ncu_sass.csv.xz"
