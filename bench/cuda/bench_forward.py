@@ -338,8 +338,9 @@ def run_case(
         torch.cuda.empty_cache()
 
 
-def profile_case(moba: Moba, name: str, tokens: int) -> None:
-    """Kernel-by-kernel CUDA time of one MoBA forward (after a warm-up)."""
+def forward_call(moba: Moba, name: str, tokens: int) -> Callable[[], None]:
+    """One MoBA forward of config NAME (dense_switch: P with top-k over every block) on random
+    bf16 inputs, ready to call."""
     batch, hq, hkv, d, block, k = CONFIGS["P" if name == "dense_switch" else name]
     if name == "dense_switch":
         k = (tokens + block - 1) // block
@@ -351,7 +352,12 @@ def profile_case(moba: Moba, name: str, tokens: int) -> None:
     cu = cu_seqlens([tokens] * batch, dev)
     out = torch.empty_like(q)
     lse = torch.empty(hq, total, device=dev, dtype=torch.float32)
-    call = functools.partial(moba.forward, q, kk, v, cu, cu, tokens, tokens, block, k, out, lse)
+    return functools.partial(moba.forward, q, kk, v, cu, cu, tokens, tokens, block, k, out, lse)
+
+
+def profile_case(moba: Moba, name: str, tokens: int) -> None:
+    """Kernel-by-kernel CUDA time of one MoBA forward (after a warm-up)."""
+    call = forward_call(moba, name, tokens)
     call()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -361,8 +367,8 @@ def profile_case(moba: Moba, name: str, tokens: int) -> None:
     print(
         prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70)
     )
-    # call holds the tensors too: drop it with them so their memory is freed.
-    del call, q, kk, v, out, lse
+    # call holds the only references to the tensors: dropping it frees them.
+    del call
     torch.cuda.empty_cache()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_forward import CONFIGS, Moba, cu_seqlens
+from bench_forward import CONFIGS, Moba, forward_call
 
 
 def main() -> None:
@@ -28,20 +28,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.config not in CONFIGS and args.config != "dense_switch":
         ap.error(f"--config: expected one of {[*CONFIGS, 'dense_switch']}")
-    moba = Moba(args.lib)
-    batch, hq, hkv, d, block, top_k = CONFIGS["P" if args.config == "dense_switch" else args.config]
-    if args.config == "dense_switch":
-        top_k = (args.tokens + block - 1) // block
-    dev = torch.device("cuda")
-    total = batch * args.tokens
-    q = torch.randn(total, hq, d, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(total, hkv, d, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(total, hkv, d, device=dev, dtype=torch.bfloat16)
-    cu = cu_seqlens([args.tokens] * batch, dev)
-    out = torch.empty_like(q)
-    lse = torch.empty(hq, total, device=dev, dtype=torch.float32)
+    call = forward_call(Moba(args.lib), args.config, args.tokens)
     for _ in range(2):
-        moba.forward(q, k, v, cu, cu, args.tokens, args.tokens, block, top_k, out, lse)
+        call()
     torch.cuda.synchronize()
     print(f"ran {args.config} at {args.tokens} tokens twice")
 
