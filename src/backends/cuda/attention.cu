@@ -283,19 +283,6 @@ cudaError_t launch_typed(const AttnArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class T, int D>
-cudaError_t launch_mode(AttnMode mode, const AttnArgs& a, cudaStream_t stream) {
-  switch (mode) {
-    case AttnMode::past:
-      return launch_typed<T, D, AttnMode::past>(a, stream);
-    case AttnMode::current:
-      return launch_typed<T, D, AttnMode::current>(a, stream);
-    case AttnMode::dense:
-      return launch_typed<T, D, AttnMode::dense>(a, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t launch_attention(Elem elem, AttnMode mode, const AttnArgs& a, cudaStream_t stream) {
@@ -303,11 +290,10 @@ cudaError_t launch_attention(Elem elem, AttnMode mode, const AttnArgs& a, cudaSt
   // for dense attention and large blocks (sm90_switch.cuh says why).
   if (sm90_attention_wanted(mode == AttnMode::dense, a.block_size) && sm90_attention_supported())
     return launch_attention_sm90(elem, mode, a, stream);
-  if (elem == Elem::bf16)
-    return a.head_dim == 64 ? launch_mode<__nv_bfloat16, 64>(mode, a, stream)
-                            : launch_mode<__nv_bfloat16, 128>(mode, a, stream);
-  return a.head_dim == 64 ? launch_mode<__half, 64>(mode, a, stream)
-                          : launch_mode<__half, 128>(mode, a, stream);
+  return with_elem_dim(elem, a.head_dim, [&]<class T, int D>(ElemDimTag<T, D>) {
+    return with_attn_mode(
+        mode, [&]<AttnMode kMode>(ModeTag<kMode>) { return launch_typed<T, D, kMode>(a, stream); });
+  });
 }
 
 }  // namespace moba::backends::cuda::detail

@@ -596,19 +596,6 @@ cudaError_t launch_sm90_typed(const AttnArgs& a, cudaStream_t stream) {
                  : launch_sm90_variant<T, D, kMode, 3, false>(a, stream);
 }
 
-template <class T, int D>
-cudaError_t launch_sm90_mode(AttnMode mode, const AttnArgs& a, cudaStream_t stream) {
-  switch (mode) {
-    case AttnMode::past:
-      return launch_sm90_typed<T, D, AttnMode::past>(a, stream);
-    case AttnMode::current:
-      return launch_sm90_typed<T, D, AttnMode::current>(a, stream);
-    case AttnMode::dense:
-      return launch_sm90_typed<T, D, AttnMode::dense>(a, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
 // MOBA_CUDA_SM90 and its test override.
 ProcessSwitch& sm90_switch() {
   static ProcessSwitch knob("MOBA_CUDA_SM90");
@@ -674,11 +661,11 @@ bool sm90_attention_supported() {
 
 cudaError_t launch_attention_sm90(Elem elem, AttnMode mode, const AttnArgs& a,
                                   cudaStream_t stream) {
-  if (elem == Elem::bf16)
-    return a.head_dim == 64 ? launch_sm90_mode<__nv_bfloat16, 64>(mode, a, stream)
-                            : launch_sm90_mode<__nv_bfloat16, 128>(mode, a, stream);
-  return a.head_dim == 64 ? launch_sm90_mode<__half, 64>(mode, a, stream)
-                          : launch_sm90_mode<__half, 128>(mode, a, stream);
+  return with_elem_dim(elem, a.head_dim, [&]<class T, int D>(ElemDimTag<T, D>) {
+    return with_attn_mode(mode, [&]<AttnMode kMode>(ModeTag<kMode>) {
+      return launch_sm90_typed<T, D, kMode>(a, stream);
+    });
+  });
 }
 
 }  // namespace moba::backends::cuda::detail

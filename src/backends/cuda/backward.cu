@@ -24,6 +24,7 @@ namespace {
 
 using namespace host;  // NOLINT(google-build-using-namespace)
 using detail::BwdArgs;
+using detail::ElemTag;
 using detail::from_float;
 
 // Start offsets of the filled entry lists: after the fill the cursor of a
@@ -59,14 +60,11 @@ void store_rows(Elem elem, const float* acc, const core::Rows& dst, int64_t toke
   const int64_t n = tokens * heads * head_dim;
   if (n == 0) return;
   const int grid = grid_for(n, 256);
-  if (elem == Elem::bf16)
-    store_rows_kernel<__nv_bfloat16>
-        <<<grid, 256, 0, stream>>>(acc, dst.data, dst.token_stride, dst.head_stride, tokens,
-                                   static_cast<int>(heads), static_cast<int>(head_dim));
-  else
-    store_rows_kernel<__half>
-        <<<grid, 256, 0, stream>>>(acc, dst.data, dst.token_stride, dst.head_stride, tokens,
-                                   static_cast<int>(heads), static_cast<int>(head_dim));
+  with_elem(elem, [&]<class T>(ElemTag<T>) {
+    store_rows_kernel<T><<<grid, 256, 0, stream>>>(acc, dst.data, dst.token_stride, dst.head_stride,
+                                                   tokens, static_cast<int>(heads),
+                                                   static_cast<int>(head_dim));
+  });
   check(cudaGetLastError(), "launch of the gradient store kernel");
 }
 

@@ -385,19 +385,6 @@ cudaError_t dq_sm90_typed(const BwdArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class T, int D>
-cudaError_t dq_sm90_mode(AttnMode mode, const BwdArgs& a, cudaStream_t stream) {
-  switch (mode) {
-    case AttnMode::past:
-      return dq_sm90_typed<T, D, AttnMode::past>(a, stream);
-    case AttnMode::current:
-      return dq_sm90_typed<T, D, AttnMode::current>(a, stream);
-    case AttnMode::dense:
-      return dq_sm90_typed<T, D, AttnMode::dense>(a, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
 // MOBA_CUDA_SM90_BWD_DQ and its test override.
 ProcessSwitch& dq_switch() {
   static ProcessSwitch knob("MOBA_CUDA_SM90_BWD_DQ");
@@ -431,11 +418,11 @@ void set_sm90_backward_dq_override(int allow) {
 }
 
 cudaError_t launch_bwd_dq_sm90(Elem elem, AttnMode mode, const BwdArgs& a, cudaStream_t stream) {
-  if (elem == Elem::bf16)
-    return a.f.head_dim == 64 ? dq_sm90_mode<__nv_bfloat16, 64>(mode, a, stream)
-                              : dq_sm90_mode<__nv_bfloat16, 128>(mode, a, stream);
-  return a.f.head_dim == 64 ? dq_sm90_mode<__half, 64>(mode, a, stream)
-                            : dq_sm90_mode<__half, 128>(mode, a, stream);
+  return with_elem_dim(elem, a.f.head_dim, [&]<class T, int D>(ElemDimTag<T, D>) {
+    return with_attn_mode(mode, [&]<AttnMode kMode>(ModeTag<kMode>) {
+      return dq_sm90_typed<T, D, kMode>(a, stream);
+    });
+  });
 }
 
 }  // namespace moba::backends::cuda::detail

@@ -536,19 +536,6 @@ cudaError_t dq_typed(const BwdArgs& a, cudaStream_t stream) {
 }
 
 template <class T, int D>
-cudaError_t dq_mode(AttnMode mode, const BwdArgs& a, cudaStream_t stream) {
-  switch (mode) {
-    case AttnMode::past:
-      return dq_typed<T, D, AttnMode::past>(a, stream);
-    case AttnMode::current:
-      return dq_typed<T, D, AttnMode::current>(a, stream);
-    case AttnMode::dense:
-      return dq_typed<T, D, AttnMode::dense>(a, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <class T, int D>
 cudaError_t delta_typed(const BwdArgs& a, cudaStream_t stream) {
   const int64_t warps = a.total_q * a.f.heads_q;
   if (warps <= 0) return cudaSuccess;
@@ -560,27 +547,22 @@ cudaError_t delta_typed(const BwdArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_bwd_delta(Elem elem, const BwdArgs& a, cudaStream_t stream) {
-  if (elem == Elem::bf16)
-    return a.f.head_dim == 64 ? delta_typed<__nv_bfloat16, 64>(a, stream)
-                              : delta_typed<__nv_bfloat16, 128>(a, stream);
-  return a.f.head_dim == 64 ? delta_typed<__half, 64>(a, stream)
-                            : delta_typed<__half, 128>(a, stream);
+  return with_elem_dim(elem, a.f.head_dim, [&]<class T, int D>(ElemDimTag<T, D>) {
+    return delta_typed<T, D>(a, stream);
+  });
 }
 
 cudaError_t launch_bwd_dkv(Elem elem, const BwdArgs& a, int64_t items, cudaStream_t stream) {
-  if (elem == Elem::bf16)
-    return a.f.head_dim == 64 ? dkv_typed<__nv_bfloat16, 64>(a, items, stream)
-                              : dkv_typed<__nv_bfloat16, 128>(a, items, stream);
-  return a.f.head_dim == 64 ? dkv_typed<__half, 64>(a, items, stream)
-                            : dkv_typed<__half, 128>(a, items, stream);
+  return with_elem_dim(elem, a.f.head_dim, [&]<class T, int D>(ElemDimTag<T, D>) {
+    return dkv_typed<T, D>(a, items, stream);
+  });
 }
 
 cudaError_t launch_bwd_dq(Elem elem, AttnMode mode, const BwdArgs& a, cudaStream_t stream) {
-  if (elem == Elem::bf16)
-    return a.f.head_dim == 64 ? dq_mode<__nv_bfloat16, 64>(mode, a, stream)
-                              : dq_mode<__nv_bfloat16, 128>(mode, a, stream);
-  return a.f.head_dim == 64 ? dq_mode<__half, 64>(mode, a, stream)
-                            : dq_mode<__half, 128>(mode, a, stream);
+  return with_elem_dim(elem, a.f.head_dim, [&]<class T, int D>(ElemDimTag<T, D>) {
+    return with_attn_mode(
+        mode, [&]<AttnMode kMode>(ModeTag<kMode>) { return dq_typed<T, D, kMode>(a, stream); });
+  });
 }
 
 }  // namespace moba::backends::cuda::detail

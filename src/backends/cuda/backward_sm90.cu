@@ -395,11 +395,9 @@ bool bwd_sm90_supported() {
 }
 
 cudaError_t launch_bwd_dkv_sm90(Elem elem, const BwdArgs& a, int64_t items, cudaStream_t stream) {
-  if (elem == Elem::bf16)
-    return a.f.head_dim == 64 ? dkv_sm90_typed<__nv_bfloat16, 64>(a, items, stream)
-                              : dkv_sm90_typed<__nv_bfloat16, 128>(a, items, stream);
-  return a.f.head_dim == 64 ? dkv_sm90_typed<__half, 64>(a, items, stream)
-                            : dkv_sm90_typed<__half, 128>(a, items, stream);
+  return with_elem_dim(elem, a.f.head_dim, [&]<class T, int D>(ElemDimTag<T, D>) {
+    return dkv_sm90_typed<T, D>(a, items, stream);
+  });
 }
 
 }  // namespace moba::backends::cuda::detail

@@ -1131,9 +1131,14 @@ __global__ void __launch_bounds__(32) bytes_kernel(const BytesArgs a) {
 // ---------------------------------------------------------------- host
 
 using core::fail;
+using detail::ElemDimTag;
+using detail::ElemTag;
+using detail::with_elem;
+using detail::with_elem_dim;
 using host::check;
 using host::check_device_pointer;
 using host::DeviceGuard;
+using host::elem_of;
 using host::env_bytes;
 using host::Workspace;
 
@@ -1210,21 +1215,6 @@ CacheArgs cache_args(const core::Cache& c) {
       static_cast<int>(std::min<int64_t>(c.block_size, std::max<int64_t>(c.capacity, 1)));
   a.inv_block = 1.0f / static_cast<float>(c.block_size);
   return a;
-}
-
-template <class Fn>
-void by_dtype_and_dim(DType dtype, int64_t dim, Fn&& fn) {
-  const auto with = [&](auto elem) {
-    using T = decltype(elem);
-    if (dim == 64)
-      fn(T{}, std::integral_constant<int, 64>{});
-    else
-      fn(T{}, std::integral_constant<int, 128>{});
-  };
-  if (dtype == DType::bfloat16)
-    with(__nv_bfloat16{});
-  else
-    with(__half{});
 }
 
 // The validated call on the device: host geometry, workspace, state.
@@ -1345,10 +1335,10 @@ void route(Call& call, const core::Cache& c, const core::Decode& d, int32_t* sel
   for (int64_t r0 = 0; r0 < rows; r0 += launch_rows) {
     r.row_begin = static_cast<int>(r0);
     const auto grid = static_cast<unsigned>(std::min(launch_rows, rows - r0));
-    by_dtype_and_dim(c.dtype, c.head_dim, [&](auto elem, auto dim) {
-      route_kernel<decltype(elem), decltype(dim)::value>
-          <<<grid, kRouteThreads, 0, call.stream>>>(r);
-    });
+    with_elem_dim(elem_of(c.dtype), static_cast<int>(c.head_dim),
+                  [&]<class T, int D>(ElemDimTag<T, D>) {
+                    route_kernel<T, D><<<grid, kRouteThreads, 0, call.stream>>>(r);
+                  });
     check(cudaGetLastError(), "launch of the decode routing kernel");
   }
 }
@@ -1497,10 +1487,9 @@ void kv_append(const core::Cache& c, const core::Append& a, void* stream_handle)
   // A sequence's new rows touch at most ceil(rows / block) + 1 blocks.
   const int64_t touched = core::num_blocks(a.total, args.c.block_size) + 1;
   const dim3 grid(static_cast<unsigned>(touched), static_cast<unsigned>(c.batch));
-  if (c.dtype == DType::bfloat16)
-    append_copy_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(args);
-  else
-    append_copy_kernel<__half><<<grid, kThreads, 0, stream>>>(args);
+  with_elem(elem_of(c.dtype), [&]<class T>(ElemTag<T>) {
+    append_copy_kernel<T><<<grid, kThreads, 0, stream>>>(args);
+  });
   check(cudaGetLastError(), "launch of the append kernel");
 }
 
@@ -1519,12 +1508,11 @@ void kv_decode(const core::Cache& c, const core::Decode& d, const core::Rows& ou
 
   AttendKernel kernel = nullptr;
   int smem = 0;
-  by_dtype_and_dim(c.dtype, c.head_dim, [&](auto elem, auto dim) {
-    using T = decltype(elem);
-    constexpr int D = decltype(dim)::value;
-    kernel = attend_kernel<T, D>;
-    smem = attend_smem_bytes<D>();
-  });
+  with_elem_dim(elem_of(c.dtype), static_cast<int>(c.head_dim),
+                [&]<class T, int D>(ElemDimTag<T, D>) {
+                  kernel = attend_kernel<T, D>;
+                  smem = attend_smem_bytes<D>();
+                });
   const AttendFacts facts = attend_facts(kernel, smem, c.device.index);
 
   // Items: the work-list bound (routed; exact for a decode step with shared

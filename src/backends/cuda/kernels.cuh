@@ -6,12 +6,38 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "backends/cuda/common.cuh"
 
 namespace moba::backends::cuda::detail {
 
 enum class Elem { f16, bf16 };
+
+/// The compile-time element type (and head dim) that with_elem and
+/// with_elem_dim hand to their callable: the one place where a runtime dtype
+/// and head dim pick a kernel instantiation.
+template <class T>
+struct ElemTag {};
+template <class T, int D>
+struct ElemDimTag {};
+
+/// fn(ElemTag<T>{}) with T = __nv_bfloat16 or __half.
+template <class Fn>
+decltype(auto) with_elem(Elem elem, Fn&& fn) {
+  if (elem == Elem::bf16) return fn(ElemTag<__nv_bfloat16>{});
+  return fn(ElemTag<__half>{});
+}
+
+/// fn(ElemDimTag<T, D>{}) with D = 64 or 128 (the head dims the kernels
+/// instantiate; the dispatch layer rejects others before any launch).
+template <class Fn>
+decltype(auto) with_elem_dim(Elem elem, int head_dim, Fn&& fn) {
+  return with_elem(elem, [&]<class T>(ElemTag<T>) {
+    if (head_dim == 64) return fn(ElemDimTag<T, 64>{});
+    return fn(ElemDimTag<T, 128>{});
+  });
+}
 
 /// Fills the SeqTable arrays from the caller's cu_seqlens and checks them
 /// against the contract (start at 0, non-decreasing, end at the totals,
@@ -90,6 +116,22 @@ struct InvertArgs {
 cudaError_t launch_invert(const InvertArgs& a, cudaStream_t stream);
 
 enum class AttnMode { past, current, dense };
+template <AttnMode kMode>
+using ModeTag = std::integral_constant<AttnMode, kMode>;
+
+/// fn(ModeTag<mode>{}): the kernel instantiation of a runtime mode.
+template <class Fn>
+cudaError_t with_attn_mode(AttnMode mode, Fn&& fn) {
+  switch (mode) {
+    case AttnMode::past:
+      return fn(ModeTag<AttnMode::past>{});
+    case AttnMode::current:
+      return fn(ModeTag<AttnMode::current>{});
+    case AttnMode::dense:
+      return fn(ModeTag<AttnMode::dense>{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 /// Attention of 128-row tiles on the tensor cores with online softmax.
 ///   past:    rows gathered from the entry lists, keys = one whole past block;

@@ -453,12 +453,9 @@ cudaError_t launch_route_typed(const RouteArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_route(Elem elem, const RouteArgs& a, cudaStream_t stream) {
-  if (elem == Elem::bf16) {
-    return a.head_dim == 64 ? launch_route_typed<__nv_bfloat16, 64>(a, stream)
-                            : launch_route_typed<__nv_bfloat16, 128>(a, stream);
-  }
-  return a.head_dim == 64 ? launch_route_typed<__half, 64>(a, stream)
-                          : launch_route_typed<__half, 128>(a, stream);
+  return with_elem_dim(elem, a.head_dim, [&]<class T, int D>(ElemDimTag<T, D>) {
+    return launch_route_typed<T, D>(a, stream);
+  });
 }
 
 }  // namespace moba::backends::cuda::detail

@@ -299,10 +299,9 @@ cudaError_t launch_block_means(Elem elem, const MeansArgs& a, cudaStream_t strea
   const dim3 grid(static_cast<unsigned>(a.blocks_bound), static_cast<unsigned>(a.heads_kv));
   const int threads = 256;
   const size_t smem = static_cast<size_t>(threads / (a.head_dim / 8)) * a.head_dim * sizeof(double);
-  if (elem == Elem::bf16)
-    block_means_kernel<__nv_bfloat16><<<grid, threads, smem, stream>>>(a);
-  else
-    block_means_kernel<__half><<<grid, threads, smem, stream>>>(a);
+  with_elem(elem, [&]<class T>(ElemTag<T>) {
+    block_means_kernel<T><<<grid, threads, smem, stream>>>(a);
+  });
   return cudaGetLastError();
 }
 
