@@ -2,7 +2,11 @@
 """Forward + backward of one MoBA attention layer against the dense peers (shared/BENCHMARKS.md).
 
 MoBA runs through the public op ``moba.moba_attn_varlen`` with autograd (the
-``torch.library`` custom op of the installed package), in both backward modes:
+``torch.library`` custom op of the installed package) or, with ``--lib``, through
+the C API of a ``libmoba.so`` (``moba_forward`` with the lse, then ``moba_backward``,
+by ctypes on torch's stream, outputs and gradients allocated once per case): the
+same kernels without the package, for machines where it is not installed. In both
+backward modes:
 ``moba_fast`` (the default: dK/dV by atomics) and ``moba_deterministic``
 (``torch.use_deterministic_algorithms(True)``: bitwise reproducible gradients).
 The dense peers are ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``
@@ -21,6 +25,7 @@ an 80 GB GPU.
 
   python3 bench/cuda/bench_backward.py --out bwd.json
   python3 bench/cuda/bench_backward.py --configs P --tokens 1048576 --methods moba_fast
+  python3 bench/cuda/bench_backward.py --lib build/src/libmoba.so --configs P --methods moba_fast
 
 Large dense cases take minutes: a case runs only when its estimated time (from
 the method's throughput at the previous, smaller case) is within --max-call-s
@@ -47,6 +52,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,7 +64,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import moba
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_forward import Moba as MobaLib
+
+try:
+    import moba
+except ImportError:  # --lib runs without the package
+    moba = None
 
 GIB = 2**30
 
@@ -199,17 +211,35 @@ def randn(shape: tuple[int, ...], seed: int, device: torch.device, grad: bool) -
 
 
 def moba_step(
-    config: Config, tokens: int, device: torch.device, det: bool
+    config: Config, tokens: int, device: torch.device, det: bool, lib: MobaLib | None
 ) -> tuple[Callable[[Timer], None], int]:
-    """A step of the op on the packed layout [batch * tokens, heads, D]; the bytes of its inputs."""
+    """A step on the packed layout [batch * tokens, heads, D], through the op or,
+    given ``lib``, the C API; the bytes of its inputs."""
     c = config
     total = c.batch * tokens
-    q = randn((total, c.heads_q, c.head_dim), 1, device, True)
-    k = randn((total, c.heads_kv, c.head_dim), 2, device, True)
-    v = randn((total, c.heads_kv, c.head_dim), 3, device, True)
+    grad = lib is None
+    q = randn((total, c.heads_q, c.head_dim), 1, device, grad)
+    k = randn((total, c.heads_kv, c.head_dim), 2, device, grad)
+    v = randn((total, c.heads_kv, c.head_dim), 3, device, grad)
     dout = randn((total, c.heads_q, c.head_dim), 4, device, False)
     cu = torch.arange(c.batch + 1, dtype=torch.int32, device=device) * tokens
     inputs = sum(t.numel() * t.element_size() for t in (q, k, v, dout, cu))
+    if lib is not None:
+        out, grads = (
+            torch.empty_like(q),
+            (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
+        )
+        lse = torch.empty(c.heads_q, total, device=device, dtype=torch.float32)
+        shape = (q, k, v, cu, cu, tokens, tokens, c.block, c.top_k)
+
+        def lib_step(timer: Timer) -> None:
+            timer.mark()
+            lib.forward(*shape, out, lse)
+            timer.mark()
+            lib.backward(*shape, out, dout, lse, grads, det)
+            timer.mark()
+
+        return lib_step, inputs
 
     def step(timer: Timer) -> None:
         with deterministic(det):
@@ -294,19 +324,28 @@ class Runner:
         self.rates: dict[tuple[str, str], float] = {}
         self.method_rates: dict[str, float] = {}
         self.dense_support: dict[tuple[str, str], tuple[bool | None, str]] = {}
+        self.lib = MobaLib(args.lib) if args.lib else None
+        if self.lib is None and moba is None:
+            raise SystemExit("the moba package is not installed: install it, or pass --lib")
         self.meta: dict[str, Any] = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git_commit": git_commit(),
             "torch": torch.__version__,
             "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-            "moba": moba.__version__,
+            "moba": self.lib.version() if self.lib else moba.__version__,
+            "moba_entry": f"C API ({args.lib})" if self.lib else "torch op (moba.moba_attn_varlen)",
             "dtype": "bfloat16",
             "pass": "forward+backward",
         }
         if device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
             self.meta["gpu_memory_gib"] = round(total / GIB, 2)
+
+    def moba_available(self) -> bool:
+        if self.lib is not None:
+            return self.device.type != "cuda" or self.lib.cuda_available()
+        return moba.backend_available("cuda" if self.device.type == "cuda" else "cpu")
 
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.started
@@ -399,7 +438,7 @@ class Runner:
                     else "repeat_interleave: K/V expanded to the query heads before timing "
                     "(enable_gqa=True was refused); the expansion is not timed"
                 )
-        elif not moba.backend_available("cuda" if self.device.type == "cuda" else "cpu"):
+        elif not self.moba_available():
             self.record(name, config, tokens, method, None, "unsupported: no MoBA backend here")
             return
         limit_s = args.moba_max_call_s if method in MOBA_METHODS else args.max_call_s
@@ -433,7 +472,7 @@ class Runner:
         try:
             if method in MOBA_METHODS:
                 step, inputs = moba_step(
-                    config, tokens, self.device, method == "moba_deterministic"
+                    config, tokens, self.device, method == "moba_deterministic", self.lib
                 )
             else:
                 native = bool(self.dense_support[(method, name)][0])
@@ -515,6 +554,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", help="JSON file to write (a list of case objects)")
+    ap.add_argument(
+        "--lib",
+        help="run MoBA through this libmoba.so's C API (built with -DMOBA_CUDA=ON) "
+        "instead of the installed package",
+    )
     ap.add_argument("--configs", default="P,S", help="comma list of P, S")
     ap.add_argument(
         "--tokens",

@@ -80,15 +80,24 @@ class MobaOptions(ctypes.Structure):
 
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int32: 3}
-BACKEND_CUDA = 3
+BACKEND_CPU, BACKEND_CUDA = 2, 3
 
 
 class Moba:
     def __init__(self, path: str) -> None:
         self.lib = ctypes.CDLL(path)
         self.lib.moba_forward.restype = ctypes.c_int
+        self.lib.moba_backward.restype = ctypes.c_int
         self.lib.moba_routing.restype = ctypes.c_int
+        self.lib.moba_backend_available.restype = ctypes.c_int
         self.lib.moba_last_error.restype = ctypes.c_char_p
+        self.lib.moba_version.restype = ctypes.c_char_p
+
+    def version(self) -> str:
+        return str(self.lib.moba_version().decode())
+
+    def cuda_available(self) -> bool:
+        return bool(self.lib.moba_backend_available(BACKEND_CUDA))
 
     @staticmethod
     def tensor(t: torch.Tensor) -> MobaTensor:
@@ -114,6 +123,7 @@ class Moba:
         max_k: int,
         block: int,
         top_k: int,
+        deterministic: bool = False,
     ) -> tuple[MobaInputs, MobaConfig, MobaOptions]:
         inputs = MobaInputs(
             self.tensor(q),
@@ -125,8 +135,12 @@ class Moba:
             max_k,
         )
         config = MobaConfig(block, top_k, 0.0, 0)
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        options = MobaOptions(BACKEND_CUDA, 0, stream, 0)
+        # CPU tensors (a smoke test off the GPU) run on the fast CPU backend.
+        if q.is_cuda:
+            backend, stream = BACKEND_CUDA, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        else:
+            backend, stream = BACKEND_CPU, ctypes.c_void_p()
+        options = MobaOptions(backend, 0, stream, int(deterministic))
         return inputs, config, options
 
     def _check(self, status: int) -> None:
@@ -155,6 +169,37 @@ class Moba:
                 ctypes.byref(config),
                 ctypes.byref(out_view),
                 ctypes.byref(lse_view),
+                ctypes.byref(options),
+            )
+        )
+
+    def backward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        max_q: int,
+        max_k: int,
+        block: int,
+        top_k: int,
+        out: torch.Tensor,
+        dout: torch.Tensor,
+        lse: torch.Tensor,
+        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        deterministic: bool = False,
+    ) -> None:
+        """dq, dk, dv (``grads``) from the forward's out and lse."""
+        inputs, config, options = self._args(
+            q, k, v, cu_q, cu_k, max_q, max_k, block, top_k, deterministic
+        )
+        views = [self.tensor(t) for t in (out, dout, lse, *grads)]
+        self._check(
+            self.lib.moba_backward(
+                ctypes.byref(inputs),
+                ctypes.byref(config),
+                *(ctypes.byref(view) for view in views),
                 ctypes.byref(options),
             )
         )

@@ -95,11 +95,13 @@ if has pkg; then
 fi
 has pytest && run_step pytest 300 "passed|failed|rror" python3 -m pytest -q -p no:cacheprovider tests/python/test_cuda_decode.py tests/python/test_cuda.py
 # The Hopper backward kernels against the mma.sync ones, same process settings
-# otherwise: MOBA_CUDA_SM90_BWD=0 forbids them, =1 forces them.
+# otherwise: MOBA_CUDA_SM90_BWD=0 forbids them, =1 forces them. Through the C
+# API of $dir/libmoba.so, so it needs no package build.
 if has bwd_ab; then
   for v in 0 1; do
     MOBA_CUDA_SM90_BWD=$v run_step "bwd_ab_$v" 120 "moba_fast|rror" python3 bench/cuda/bench_backward.py \
-      --configs P --tokens 131072,262144 --methods moba_fast --max-reps 3 --out "$out/bwd_ab_$v.json"
+      --lib "$dir/libmoba.so" --configs P --tokens 131072,262144 --methods moba_fast --max-reps 3 \
+      --out "$out/bwd_ab_$v.json"
   done
 fi
 # Nsight Compute on one dense forward launch (the Hopper kernel at 32K):
