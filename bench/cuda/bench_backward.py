@@ -66,6 +66,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forward import Moba as MobaLib
+from bench_forward import Problem
 
 try:
     import moba
@@ -230,13 +231,13 @@ def moba_step(
             (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
         )
         lse = torch.empty(c.heads_q, total, device=device, dtype=torch.float32)
-        shape = (q, k, v, cu, cu, tokens, tokens, c.block, c.top_k)
+        problem = Problem(q, k, v, cu, cu, tokens, tokens, c.block, c.top_k)
 
         def lib_step(timer: Timer) -> None:
             timer.mark()
-            lib.forward(*shape, out, lse)
+            lib.forward(problem, out, lse)
             timer.mark()
-            lib.backward(*shape, out, dout, lse, grads, det)
+            lib.backward(problem, out, dout, lse, grads, det)
             timer.mark()
 
         return lib_step, inputs

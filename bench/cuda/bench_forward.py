@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -83,6 +83,21 @@ DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int32: 3}
 BACKEND_CPU, BACKEND_CUDA = 2, 3
 
 
+class Problem(NamedTuple):
+    """One MoBA call's inputs and shape: packed q, k, v, their cu_seqlens and longest
+    sequences, block size and top-k."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    block: int
+    top_k: int
+
+
 class Moba:
     def __init__(self, path: str) -> None:
         self.lib = ctypes.CDLL(path)
@@ -112,91 +127,32 @@ class Moba:
         m.device_index = (t.device.index or 0) if t.is_cuda else 0
         return m
 
-    def _args(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_q: torch.Tensor,
-        cu_k: torch.Tensor,
-        max_q: int,
-        max_k: int,
-        block: int,
-        top_k: int,
-        deterministic: bool = False,
-    ) -> tuple[MobaInputs, MobaConfig, MobaOptions]:
-        inputs = MobaInputs(
-            self.tensor(q),
-            self.tensor(k),
-            self.tensor(v),
-            self.tensor(cu_q),
-            self.tensor(cu_k),
-            max_q,
-            max_k,
-        )
-        config = MobaConfig(block, top_k, 0.0, 0)
-        # CPU tensors (a smoke test off the GPU) run on the fast CPU backend.
-        if q.is_cuda:
-            backend, stream = BACKEND_CUDA, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        else:
-            backend, stream = BACKEND_CPU, ctypes.c_void_p()
-        options = MobaOptions(backend, 0, stream, int(deterministic))
-        return inputs, config, options
-
     def _check(self, status: int) -> None:
         if status != 0:
             raise RuntimeError(f"moba status {status}: {self.lib.moba_last_error().decode()}")
 
-    def forward(
+    def _call(
         self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_q: torch.Tensor,
-        cu_k: torch.Tensor,
-        max_q: int,
-        max_k: int,
-        block: int,
-        top_k: int,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-    ) -> None:
-        inputs, config, options = self._args(q, k, v, cu_q, cu_k, max_q, max_k, block, top_k)
-        out_view, lse_view = self.tensor(out), self.tensor(lse)
-        self._check(
-            self.lib.moba_forward(
-                ctypes.byref(inputs),
-                ctypes.byref(config),
-                ctypes.byref(out_view),
-                ctypes.byref(lse_view),
-                ctypes.byref(options),
-            )
-        )
-
-    def backward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_q: torch.Tensor,
-        cu_k: torch.Tensor,
-        max_q: int,
-        max_k: int,
-        block: int,
-        top_k: int,
-        out: torch.Tensor,
-        dout: torch.Tensor,
-        lse: torch.Tensor,
-        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        entry: Any,
+        problem: Problem,
+        results: tuple[torch.Tensor, ...],
         deterministic: bool = False,
     ) -> None:
-        """dq, dk, dv (``grads``) from the forward's out and lse."""
-        inputs, config, options = self._args(
-            q, k, v, cu_q, cu_k, max_q, max_k, block, top_k, deterministic
+        """Calls the C entry point ENTRY(inputs, config, *results, options)."""
+        p = problem
+        inputs = MobaInputs(
+            *(self.tensor(t) for t in (p.q, p.k, p.v, p.cu_q, p.cu_k)), p.max_q, p.max_k
         )
-        views = [self.tensor(t) for t in (out, dout, lse, *grads)]
+        config = MobaConfig(p.block, p.top_k, 0.0, 0)
+        # CPU tensors (a smoke test off the GPU) run on the fast CPU backend.
+        if p.q.is_cuda:
+            backend, stream = BACKEND_CUDA, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        else:
+            backend, stream = BACKEND_CPU, ctypes.c_void_p()
+        options = MobaOptions(backend, 0, stream, int(deterministic))
+        views = [self.tensor(t) for t in results]
         self._check(
-            self.lib.moba_backward(
+            entry(
                 ctypes.byref(inputs),
                 ctypes.byref(config),
                 *(ctypes.byref(view) for view in views),
@@ -204,29 +160,23 @@ class Moba:
             )
         )
 
-    def routing(
+    def forward(self, problem: Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
+        self._call(self.lib.moba_forward, problem, (out, lse))
+
+    def backward(
         self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_q: torch.Tensor,
-        cu_k: torch.Tensor,
-        max_q: int,
-        max_k: int,
-        block: int,
-        top_k: int,
-        selected: torch.Tensor,
+        problem: Problem,
+        out: torch.Tensor,
+        dout: torch.Tensor,
+        lse: torch.Tensor,
+        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        deterministic: bool = False,
     ) -> None:
-        inputs, config, options = self._args(q, k, v, cu_q, cu_k, max_q, max_k, block, top_k)
-        selected_view = self.tensor(selected)
-        self._check(
-            self.lib.moba_routing(
-                ctypes.byref(inputs),
-                ctypes.byref(config),
-                ctypes.byref(selected_view),
-                ctypes.byref(options),
-            )
-        )
+        """dq, dk, dv (``grads``) from the forward's out and lse."""
+        self._call(self.lib.moba_backward, problem, (out, dout, lse, *grads), deterministic)
+
+    def routing(self, problem: Problem, selected: torch.Tensor) -> None:
+        self._call(self.lib.moba_routing, problem, (selected,))
 
 
 # -------------------------------------------------------------- helpers ----
@@ -397,7 +347,9 @@ def forward_call(moba: Moba, name: str, tokens: int) -> Callable[[], None]:
     cu = cu_seqlens([tokens] * batch, dev)
     out = torch.empty_like(q)
     lse = torch.empty(hq, total, device=dev, dtype=torch.float32)
-    return functools.partial(moba.forward, q, kk, v, cu, cu, tokens, tokens, block, k, out, lse)
+    return functools.partial(
+        moba.forward, Problem(q, kk, v, cu, cu, tokens, tokens, block, k), out, lse
+    )
 
 
 def profile_case(moba: Moba, name: str, tokens: int) -> None:
@@ -544,7 +496,7 @@ def check(moba: Moba, log: Callable[[str], object]) -> bool:
     cu = cu_seqlens([tokens], dev)
     out = torch.full_like(q, float("nan"))
     lse = torch.empty(hq, tokens, device=dev)
-    moba.forward(q, k, v, cu, cu, tokens, tokens, block, 8, out, lse)
+    moba.forward(Problem(q, k, v, cu, cu, tokens, tokens, block, 8), out, lse)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         ref = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None].contiguous(),
@@ -575,11 +527,12 @@ def check(moba: Moba, log: Callable[[str], object]) -> bool:
         cu = cu_seqlens([tokens], dev)
         out = torch.full_like(q, float("nan"))
         lse = torch.empty(hq, tokens, device=dev)
-        moba.forward(q, k, v, cu, cu, tokens, tokens, block, top_k, out, lse)
+        problem = Problem(q, k, v, cu, cu, tokens, tokens, block, top_k)
+        moba.forward(problem, out, lse)
         nb = (tokens + block - 1) // block
         width = min(top_k, nb)
         sel = torch.full((tokens, hq, width), -7, dtype=torch.int32, device=dev)
-        moba.routing(q, k, v, cu, cu, tokens, tokens, block, top_k, sel)
+        moba.routing(problem, sel)
         heads = list(range(8))
         kbar, ref_sel = torch_moba(q, k, v, block, top_k, heads)
         scale = 1.0 / math.sqrt(d)
