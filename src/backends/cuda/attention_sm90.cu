@@ -290,9 +290,9 @@ struct ConsumerCtx {
 // with a single Q buffer the next tile's Q loads during this stage's softmax
 // and P V).
 //
-// Overlap::off: per stage S, softmax, P V, each waited for before the next
+// kOverlap false: per stage S, softmax, P V, each waited for before the next
 // (the two warpgroups overlap each other through the ping-pong).
-// Overlap::on (the default; MOBA_CUDA_SM90_OVERLAP=1), FlashAttention-3's
+// kOverlap true (MOBA_CUDA_SM90_OVERLAP=1), FlashAttention-3's
 // intra-warpgroup overlap on top: stage n issues S_n = Q K_n^T and then
 // O += P_{n-1} V_{n-1} back to back, waits for S_n only
 // (wgmma.wait_group 1), runs the softmax of S_n while P_{n-1} V_{n-1} is on
@@ -301,12 +301,7 @@ struct ConsumerCtx {
 // sequence as without the overlap. O, S_n and P_{n-1} are live together
 // (160 registers at D 128): this needs the consumers' setmaxnreg budget,
 // which ptxas allocates against in the consumer branch.
-// Overlap::late_wait (MOBA_CUDA_SM90_OVERLAP=2): the same, with the wait for
-// P_{n-1} V_{n-1} kept below the softmax's exps. With a plain wait ptxas
-// gives the new P the registers the in-flight product reads and, to honour
-// that, hoists the wait above every exp, so only the row max overlaps the
-// product (docs/cuda_forward.md, "The overlap in the machine code").
-template <class T, int D, AttnMode kMode, int kStages, Overlap kOverlap>
+template <class T, int D, AttnMode kMode, int kStages, bool kOverlap>
 __device__ void consume(const AttnArgs& a, const Sm90Shared& sh, int tiles, int64_t chunk_row0,
                         int wg, bool pingpong) {
   using namespace sm90;  // NOLINT(google-build-using-namespace)
@@ -359,7 +354,7 @@ __device__ void consume(const AttnArgs& a, const Sm90Shared& sh, int tiles, int6
 
     int t0 = first_key_step(tk);
     if (t0 < 0) mbar_arrive(q_empty);  // no key step: Q is not read
-    if (kOverlap == Overlap::off || !active) {
+    if (!kOverlap || !active) {
       while (t0 >= 0) {
         const int t_next = next_key_step<kMode, kKeys>(tk, t0, bs);
         const uint32_t k_empty = sh.bar(L::kBarKEmpty + stage);
@@ -462,16 +457,7 @@ __device__ void consume(const AttnArgs& a, const Sm90Shared& sh, int tiles, int6
         if (t_next < 0) mbar_arrive(q_empty);
         cx.mask(s, tk, t0, pos);
         softmax(s);
-        if constexpr (kOverlap == Overlap::late_wait) {
-          // A loop whose warp-uniform exit test reads the row sums, which
-          // the exps feed: ptxas cannot move the wait above them. l >= 0, so
-          // the body runs once.
-          do {
-            wgmma_wait<0>();
-          } while (__shfl_sync(0xffffffffu, l[0] + l[1] < 0.0f ? 1 : 0, 0) != 0);
-        } else {
-          wgmma_wait<0>();
-        }
+        wgmma_wait<0>();
         fence_operands(o);
         fence_operands(p);  // P_{n-1} stays allocated until its product is done
         mbar_arrive(sh.bar(L::kBarVEmpty + v_stage));
@@ -498,7 +484,7 @@ __device__ void consume(const AttnArgs& a, const Sm90Shared& sh, int tiles, int6
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-template <class T, int D, AttnMode kMode, int kStages, Overlap kOverlap>
+template <class T, int D, AttnMode kMode, int kStages, bool kOverlap>
 __global__ void __launch_bounds__(kSm90Threads, 1)
     attention_sm90_kernel(const AttnArgs a, int pingpong) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -560,7 +546,11 @@ bool pingpong_enabled() {
 
 std::atomic<int> g_sm90_stages_override{0};
 
-std::atomic<int> g_sm90_overlap_override{-1};
+// MOBA_CUDA_SM90_OVERLAP and its test override.
+ProcessSwitch& overlap_switch() {
+  static ProcessSwitch knob("MOBA_CUDA_SM90_OVERLAP");
+  return knob;
+}
 
 // The K/V pipeline depth: 3 stages by default (at D 128 with one Q buffer),
 // MOBA_CUDA_SM90_STAGES=2 the first version's 2 stages with two Q buffers
@@ -576,21 +566,13 @@ int sm90_stages() {
 
 // The consumers' intra-warpgroup overlap: on by default (H100: config P at
 // 1M 1,656 -> 1,531 ms, dense switch at 128K 282 -> 268 ms),
-// MOBA_CUDA_SM90_OVERLAP=0 turns it off, =2 keeps its wait below the exps
-// (read once; not timed yet, hence not the default),
+// MOBA_CUDA_SM90_OVERLAP=0 turns it off (read once),
 // set_sm90_overlap_override for tests.
-Overlap sm90_overlap() {
-  static const Overlap env_value = [] {
-    const char* v = std::getenv("MOBA_CUDA_SM90_OVERLAP");
-    if (v != nullptr && std::strcmp(v, "0") == 0) return Overlap::off;
-    if (v != nullptr && std::strcmp(v, "2") == 0) return Overlap::late_wait;
-    return Overlap::on;
-  }();
-  const int forced = g_sm90_overlap_override.load(std::memory_order_relaxed);
-  return forced >= 0 ? static_cast<Overlap>(forced) : env_value;
+bool sm90_overlap() {
+  return overlap_switch().on(true);
 }
 
-template <class T, int D, AttnMode kMode, int kStages, Overlap kOverlap>
+template <class T, int D, AttnMode kMode, int kStages, bool kOverlap>
 cudaError_t launch_sm90_variant(const AttnArgs& a, cudaStream_t stream) {
   constexpr int smem = Sm90Smem<D, kStages>::kAlloc;
   const auto kernel = attention_sm90_kernel<T, D, kMode, kStages, kOverlap>;
@@ -604,23 +586,14 @@ cudaError_t launch_sm90_variant(const AttnArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class T, int D, AttnMode kMode, int kStages>
-cudaError_t launch_sm90_staged(const AttnArgs& a, cudaStream_t stream) {
-  switch (sm90_overlap()) {
-    case Overlap::off:
-      return launch_sm90_variant<T, D, kMode, kStages, Overlap::off>(a, stream);
-    case Overlap::late_wait:
-      return launch_sm90_variant<T, D, kMode, kStages, Overlap::late_wait>(a, stream);
-    case Overlap::on:
-      break;
-  }
-  return launch_sm90_variant<T, D, kMode, kStages, Overlap::on>(a, stream);
-}
-
 template <class T, int D, AttnMode kMode>
 cudaError_t launch_sm90_typed(const AttnArgs& a, cudaStream_t stream) {
-  return sm90_stages() == 2 ? launch_sm90_staged<T, D, kMode, 2>(a, stream)
-                            : launch_sm90_staged<T, D, kMode, 3>(a, stream);
+  const bool overlap = sm90_overlap();
+  if (sm90_stages() == 2)
+    return overlap ? launch_sm90_variant<T, D, kMode, 2, true>(a, stream)
+                   : launch_sm90_variant<T, D, kMode, 2, false>(a, stream);
+  return overlap ? launch_sm90_variant<T, D, kMode, 3, true>(a, stream)
+                 : launch_sm90_variant<T, D, kMode, 3, false>(a, stream);
 }
 
 // MOBA_CUDA_SM90 and its test override.
@@ -633,8 +606,9 @@ ProcessSwitch& sm90_switch() {
 // only that body declares the static shared barriers.
 bool sm90_body_loaded() {
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, attention_sm90_kernel<__nv_bfloat16, 128, AttnMode::dense,
-                                                         kSm90DefaultStages, Overlap::off>) !=
+  if (cudaFuncGetAttributes(
+          &attr,
+          attention_sm90_kernel<__nv_bfloat16, 128, AttnMode::dense, kSm90DefaultStages, false>) !=
       cudaSuccess) {
     (void)cudaGetLastError();
     return false;
@@ -657,8 +631,7 @@ void set_sm90_stages_override(int stages) {
 }
 
 void set_sm90_overlap_override(int overlap) {
-  g_sm90_overlap_override.store(overlap >= 0 && overlap <= 2 ? overlap : -1,
-                                std::memory_order_relaxed);
+  overlap_switch().set_override(overlap);
 }
 
 bool sm90_attention_supported() {

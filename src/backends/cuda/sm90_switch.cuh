@@ -71,15 +71,9 @@ inline constexpr int kSm90DefaultStages = 3;
 /// be changed while forwards are in flight on other threads.
 void set_sm90_stages_override(int stages);
 
-/// How each consumer warpgroup of the Hopper kernel overlaps its own
-/// products (attention_sm90.cu says how): off; on (S_n with P_{n-1} V_{n-1},
-/// the default); late_wait (on, with the wait for P V kept below the exps).
-enum class Overlap : int { off = 0, on = 1, late_wait = 2 };
-
-/// Overrides MOBA_CUDA_SM90_OVERLAP for this process: 0, 1 or 2 pins
-/// Overlap::off, on or late_wait, -1 goes back to the environment's choice
-/// (default on; MOBA_CUDA_SM90_OVERLAP=0 turns it off, =2 picks late_wait).
-/// Same caveat as above.
+/// Overrides MOBA_CUDA_SM90_OVERLAP for this process: 1 turns the consumers'
+/// intra-warpgroup overlap on, 0 off, -1 goes back to the environment's
+/// choice (default on; MOBA_CUDA_SM90_OVERLAP=0 turns it off). Same caveat as above.
 void set_sm90_overlap_override(int overlap);
 
 /// Whether the current device can run the Hopper kernel: compute capability
