@@ -292,7 +292,9 @@ def run_case(
     # names): the only references left after time_ms returns are the locals,
     # so the del below really frees out and lse before the dense peers run.
     ms = time_ms(
-        functools.partial(moba.forward, q, kk, v, cu, cu, tokens, tokens, block, k, out, lse)
+        functools.partial(
+            moba.forward, Problem(q, kk, v, cu, cu, tokens, tokens, block, k), out, lse
+        )
     )
     record("moba_cuda", ms, batch * moba_flops(tokens, hq, d, block, k))
     del out, lse
@@ -400,7 +402,7 @@ def routing_case(
     cu = cu_seqlens([tokens] * batch, dev)
     width = min(k, (tokens + block - 1) // block)
     sel = torch.empty(total, hq, width, device=dev, dtype=torch.int32)
-    call = functools.partial(moba.routing, q, kk, v, cu, cu, tokens, tokens, block, k, sel)
+    call = functools.partial(moba.routing, Problem(q, kk, v, cu, cu, tokens, tokens, block, k), sel)
     ms = time_ms(call)
     kernels = kernel_times_us(call)
     route_us = sum(us for name_, us in kernels.items() if "route" in name_)
