@@ -49,9 +49,7 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -66,7 +64,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forward import Moba as MobaLib
-from bench_forward import Problem
+from bench_forward import Problem, git_commit
 
 try:
     import moba
@@ -300,19 +298,6 @@ def probe_dense(
 
 
 # ---------------------------------------------------------------- runner ----
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("MOBA_GIT_COMMIT", "unknown")
 
 
 class Runner:

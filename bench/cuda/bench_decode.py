@@ -43,11 +43,10 @@ import argparse
 import datetime
 import functools
 import json
-import os
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +54,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import moba
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_forward import git_commit
 
 HEADS_Q, HEADS_KV, DIM, BLOCK, TOP_K = 32, 8, 128, 4096, 12
 PAGE = 256
@@ -117,15 +119,6 @@ def time_both(
     except (RuntimeError, torch.OutOfMemoryError) as e:
         torch.cuda.synchronize()
         return eager, None, f"graph capture failed: {str(e).splitlines()[0][:120]}"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except Exception:
-        return os.environ.get("MOBA_GIT_COMMIT", "unknown")
 
 
 def build_cache(lens: list[int], seed: int) -> tuple[moba.KVCache, list[int]]:

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -220,12 +221,20 @@ def time_ms(fn: Callable[[], object], budget_s: float = 3.0, max_reps: int = 20)
 
 
 def git_commit() -> str:
+    """MOBA_GIT_COMMIT where set (a copied tree, e.g. on a lent GPU machine whose own checkout
+    is not what runs), else this checkout's HEAD."""
+    if os.environ.get("MOBA_GIT_COMMIT"):
+        return os.environ["MOBA_GIT_COMMIT"]
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
-    except Exception:
-        return os.environ.get("MOBA_GIT_COMMIT", "unknown")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 # ------------------------------------------------------------ benchmark ----
