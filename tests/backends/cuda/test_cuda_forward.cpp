@@ -37,8 +37,7 @@ class DeviceRun : public DeviceWorkload {
 
   // Forward on the device into NaN-poisoned outputs, copied back.
   void forward(Tensor& out, Tensor& lse, const Inputs& in) const {
-    DeviceBuffer d_out(static_cast<size_t>(out.numel() * dtype_size(out.dtype())));
-    DeviceBuffer d_lse(static_cast<size_t>(lse.numel() * 4));
+    const DeviceBuffer d_out = buffer_for(out), d_lse = buffer_for(lse);
     poison(d_out);
     poison(d_lse);
     enqueue_forward(out, lse, d_out, d_lse, in);
@@ -46,6 +45,7 @@ class DeviceRun : public DeviceWorkload {
     download(d_out, out);
     download(d_lse, lse);
   }
+  void forward(Tensor& out, Tensor& lse) const { forward(out, lse, inputs()); }
 
   // The forward call alone, on the stream, into the given device buffers
   // (shaped like out and lse).
@@ -55,11 +55,15 @@ class DeviceRun : public DeviceWorkload {
                   on_device(lse.view(), d_lse.get()), options());
   }
 
+  // A device buffer of t's size (contents undefined).
+  static DeviceBuffer buffer_for(const Tensor& t) {
+    return DeviceBuffer(static_cast<size_t>(t.numel() * dtype_size(t.dtype())));
+  }
+
   // Fills a buffer with 0xff bytes (NaN in every float type) on the stream.
   void poison(const DeviceBuffer& b) const {
     if (b.bytes()) cuda_ok(cudaMemsetAsync(b.get(), 0xff, b.bytes(), stream()), "memset");
   }
-  void forward(Tensor& out, Tensor& lse) const { forward(out, lse, inputs()); }
 
   // Routing on the device into a -7-poisoned selection of width `width`.
   std::vector<int32_t> routing(int64_t width) const {
@@ -392,8 +396,7 @@ TEST(CudaForward, CapturedInAGraph) {
     Tensor direct_out = w.new_out(), direct_lse = w.new_lse();
     run.forward(direct_out, direct_lse);
     Tensor out = w.new_out(), lse = w.new_lse();
-    const DeviceBuffer d_out(static_cast<size_t>(out.numel() * dtype_size(out.dtype())));
-    const DeviceBuffer d_lse(static_cast<size_t>(lse.numel() * 4));
+    const DeviceBuffer d_out = DeviceRun::buffer_for(out), d_lse = DeviceRun::buffer_for(lse);
     cudaGraph_t graph = nullptr;
     cuda_ok(cudaStreamBeginCapture(run.stream(), cudaStreamCaptureModeThreadLocal),
             "begin capture");
@@ -688,7 +691,6 @@ TEST(CudaForward, ManyChunksWithSmallBlocks) {
 // them on the mma.sync kernel). These pin each kernel in turn on the same
 // inputs, so a failure names the kernel, and print the largest differences
 // for a first look: test_cuda_forward --gtest_filter='CudaForwardSm90.*'
-#include <cstdio>
 
 #include "backends/cuda/sm90_switch.cuh"
 
