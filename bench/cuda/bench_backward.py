@@ -187,6 +187,35 @@ def measure(
     return Measurement(fwd, bwd, [f + b for f, b in zip(fwd, bwd, strict=True)], peak)
 
 
+def kernel_ms(
+    step: Callable[[Timer], None], device: torch.device, top: int = 8
+) -> dict[str, float]:
+    """One more step under torch.profiler: the GPU time of each kernel name
+    (summed over its launches, in ms), the ``top`` largest. CUPTI sees every
+    kernel of the process, so this also covers the C API path of ``--lib``.
+    On the CPU (the smoke test) the ops' self times instead."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        step(Timer(device))
+        if cuda:
+            torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for e in prof.events():
+        if cuda and e.device_type != DeviceType.CUDA:
+            continue
+        # "void ns::kernel<T, 128>(args)" -> "kernel<T, 128>"
+        name = e.name.removeprefix("void ").split("(")[0]
+        name = name.split("<")[0].rsplit("::", 1)[-1] + name[len(name.split("<")[0]) :]
+        us = e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
+        totals[name] = totals.get(name, 0.0) + us / 1e3
+    largest = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return {name: round(ms, 3) for name, ms in largest}
+
+
 @contextlib.contextmanager
 def deterministic(enabled: bool) -> Iterator[None]:
     """MoBA's backward reads torch.are_deterministic_algorithms_enabled() when
@@ -394,6 +423,8 @@ class Runner:
             else ""
         )
         print(f"{name} {tokens:>8d} {method:19s} {shown}  {detail}{note or ''}", flush=True)
+        for kernel, ms in rec.get("kernel_ms", {}).items():
+            print(f"    {ms:11.2f} ms  {kernel}", flush=True)
         if self.args.out:
             # Rewritten after every case: a run cut short keeps what it measured.
             Path(self.args.out).write_text(json.dumps(self.records, indent=1) + "\n")
@@ -467,6 +498,8 @@ class Runner:
                 )
             extra["inputs_memory_gib"] = round(inputs / GIB, 3)
             m = measure(step, self.device, args.case_budget_s, args.min_reps, args.max_reps)
+            if args.kernels and method in MOBA_METHODS:
+                extra["kernel_ms"] = kernel_ms(step, self.device)
         except torch.OutOfMemoryError as e:
             peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else 0
             extra["peak_memory_gib"] = round(peak / GIB, 3)
@@ -572,6 +605,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--case-budget-s", type=float, default=3.0, help="timed reps per case fill about this long"
+    )
+    ap.add_argument(
+        "--kernels",
+        action="store_true",
+        help="MoBA cases: one more step under torch.profiler, GPU ms per kernel (kernel_ms)",
     )
     ap.add_argument("--min-reps", type=int, default=1, help="timed steps per case at least")
     ap.add_argument("--max-reps", type=int, default=10, help="timed steps per case at most")
