@@ -435,6 +435,10 @@ def train(
 
 
 def git_commit() -> str:
+    """MOBA_GIT_COMMIT where set (a copied tree, e.g. on a lent GPU machine whose own checkout
+    is not what runs), else this checkout's HEAD."""
+    if os.environ.get("MOBA_GIT_COMMIT"):
+        return os.environ["MOBA_GIT_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -444,7 +448,7 @@ def git_commit() -> str:
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("MOBA_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def device_name(device: str) -> str:

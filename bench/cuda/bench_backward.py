@@ -207,9 +207,10 @@ def kernel_ms(
     for e in prof.events():
         if cuda and e.device_type != DeviceType.CUDA:
             continue
-        # "void ns::kernel<T, 128>(args)" -> "kernel<T, 128>"
-        name = e.name.removeprefix("void ").split("(")[0]
-        name = name.split("<")[0].rsplit("::", 1)[-1] + name[len(name.split("<")[0]) :]
+        # "void ns::(anonymous namespace)::kernel<T, 128>(args)" -> "kernel<T, 128>"
+        name = e.name.replace("(anonymous namespace)::", "").removeprefix("void ").split("(")[0]
+        base = name.split("<")[0]
+        name = (base.rsplit("::", 1)[-1] + name[len(base) :])[:80]
         us = e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
         totals[name] = totals.get(name, 0.0) + us / 1e3
     largest = sorted(totals.items(), key=lambda kv: -kv[1])[:top]

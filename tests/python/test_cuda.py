@@ -159,21 +159,29 @@ def test_tiny_llama_on_cuda_matches_naive() -> None:
 @needs_cuda_backend
 def test_tiny_llama_loss_backward_on_cuda_matches_naive() -> None:
     """A training step of a transformers model with attn_implementation="moba":
-    loss.backward() runs the CUDA backward, and every parameter's gradient
-    matches the pure-PyTorch MoBA's within bf16 rounding."""
+    loss.backward() runs the CUDA backward. Against the pure-PyTorch MoBA in
+    float32, every parameter's bf16 gradient is as close as the pure-PyTorch
+    MoBA's own bf16 gradient (the rounding of a bf16 model is several percent
+    here; a wrong attention gradient is off by its whole size)."""
     transformers = pytest.importorskip("transformers")
     moba.register(block_size=8, top_k=2)
     torch.manual_seed(0)
-    model = _tiny_llama(transformers).to("cuda", torch.bfloat16).train()
+    model = _tiny_llama(transformers).to("cuda").train()
     ids = torch.randint(1, 128, (2, 56), device="cuda")
-    grads = {}
-    for implementation in ("moba", "moba_naive"):
-        model.set_attn_implementation(implementation)
-        model.zero_grad(set_to_none=True)
-        model(ids, labels=ids).loss.backward()
-        grads[implementation] = {n: p.grad.float() for n, p in model.named_parameters()}
-    for name, want in grads["moba_naive"].items():
-        got = grads["moba"][name]
-        assert torch.isfinite(got).all(), name
-        error = torch.linalg.vector_norm(got - want)
-        assert error <= 3e-2 * torch.linalg.vector_norm(want) + 1e-6, (name, error.item())
+
+    def grads(implementation: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        copy = _tiny_llama(transformers).to("cuda", dtype).train()
+        copy.load_state_dict(model.state_dict())
+        copy.set_attn_implementation(implementation)
+        copy(ids, labels=ids).loss.backward()
+        return {n: p.grad.double() for n, p in copy.named_parameters()}
+
+    exact = grads("moba_naive", torch.float32)
+    naive = grads("moba_naive", torch.bfloat16)
+    got = grads("moba", torch.bfloat16)
+    for name, want in exact.items():
+        assert torch.isfinite(got[name]).all(), name
+        error = torch.linalg.vector_norm(got[name] - want)
+        naive_error = torch.linalg.vector_norm(naive[name] - want)
+        bound = 3 * naive_error + 1e-2 * torch.linalg.vector_norm(want)
+        assert error <= bound, (name, error.item(), naive_error.item())
