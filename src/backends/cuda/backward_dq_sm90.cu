@@ -256,24 +256,24 @@ __device__ void consume(const BwdArgs& a, const DqShared& sh, int tiles, int64_t
       if (active) {
         const uint32_t sk = sh.base + L::kK + stage * L::kKeyBytes;
         const uint32_t sv = sh.base + L::kV + stage * L::kKeyBytes;
-        // S = Q K^T, dP = dO V^T.
+        // S = Q K^T, dP = dO V^T, committed as two groups: the exps of P
+        // run while dP is still in flight.
         float s[kDqKeys / 2], dp[kDqKeys / 2];
         const uint32_t desc_k = make_desc_lo(sk, 16), desc_v = make_desc_lo(sv, 16);
         fence_proxy_async();
         wgmma_fence();
         wgmma_ss_k_major<T, kDqKeys, D, kTileRows, kDqKeys>(s, desc_q, desc_k);
+        wgmma_commit();
         wgmma_ss_k_major<T, kDqKeys, D, kTileRows, kDqKeys>(dp, desc_do, desc_v);
         wgmma_commit();
-        wgmma_wait_all();
+        wgmma_wait<1>();
         fence_operands(s);
-        fence_operands(dp);
-        if (t_next < 0) mbar_arrive(rows_empty);
 
-        // dS, dq_tile's arithmetic element for element (a step that masks
-        // nothing keeps every key, so skipping the test changes no value),
-        // rounded to the input dtype as A fragments: the accumulator layout
-        // of a 64 x 64 product is the m16n8k16 A-fragment layout per warp,
-        // 16 keys per k-step (the forward's pack_p).
+        // P, then dS, dq_tile's arithmetic element for element (a step that
+        // masks nothing keeps every key, so skipping the test changes no
+        // value), rounded to the input dtype as A fragments: the accumulator
+        // layout of a 64 x 64 product is the m16n8k16 A-fragment layout per
+        // warp, 16 keys per k-step (the forward's pack_p).
         const bool masked = key_step_needs_mask<kMode, kDqKeys>(tk, t0, bs);
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt)
@@ -283,8 +283,17 @@ __device__ void consume(const BwdArgs& a, const DqShared& sh, int tiles, int64_t
             const int key = t0 + nt * 8 + 2 * tq + (e & 1);
             const bool keep = !masked || (key < tk.hi && key >= first[h] && key <= pos[h]);
             float& x = s[4 * nt + e];
-            const float p = keep ? fast_exp2(fmaf(x, scale_log2, -lse2[h])) : 0.0f;
-            x = p * (dp[4 * nt + e] - delta[h]) * scale;
+            x = keep ? fast_exp2(fmaf(x, scale_log2, -lse2[h])) : 0.0f;
+          }
+        wgmma_wait<0>();
+        fence_operands(dp);
+        if (t_next < 0) mbar_arrive(rows_empty);
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float& x = s[4 * nt + e];
+            x = x * (dp[4 * nt + e] - delta[e >> 1]) * scale;
           }
         uint32_t ds[kDqKeys / 16][4];
 #pragma unroll

@@ -211,17 +211,19 @@ __device__ void consume(const BwdArgs& a, const KvTile& kt, const DkvShared& sh,
     if (active) {
       const uint32_t sq = sh.base + L::kStage0 + stage * L::kStageBytes;
       const uint32_t sdo = sq + L::kRowBytes;
-      // S^T = K_w Q^T, dP^T = V_w dO^T.
+      // S^T = K_w Q^T, dP^T = V_w dO^T, committed as two groups: the
+      // exps of P^T run while dP^T is still in flight, and dS^T is computed
+      // while dV += P^T dO runs (its operands are ready first).
       float st[kRows / 2], dpt[kRows / 2];
       const uint32_t desc_q = make_desc_lo(sq, 16), desc_do = make_desc_lo(sdo, 16);
       fence_proxy_async();
       wgmma_fence();
       wgmma_ss_k_major<T, kRows, D, kKeyTile, kRows>(st, desc_k, desc_q);
+      wgmma_commit();
       wgmma_ss_k_major<T, kRows, D, kKeyTile, kRows>(dpt, desc_v, desc_do);
       wgmma_commit();
-      wgmma_wait_all();
+      wgmma_wait<1>();
       fence_operands(st);
-      fence_operands(dpt);
 
       // P^T and dS^T (dkv_kernel's arithmetic, element for element), rounded
       // to the input dtype as A fragments: the accumulator layout of a
@@ -235,38 +237,55 @@ __device__ void consume(const BwdArgs& a, const KvTile& kt, const DkvShared& sh,
         for (int j = 0; j < 2; ++j) {
           const KvRow& row = s[nt * 8 + 2 * tq + j];
           const int pos = row.pos;
-          const float lse2 = row.lse2, delta = row.delta;
+          const float lse2 = row.lse2;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int key = key_lo + 8 * h;
             const bool keep = key < t1 && key <= pos;
             float& e = st[4 * nt + 2 * h + j];
             e = keep ? fast_exp2(fmaf(e, scale_log2, -lse2)) : 0.0f;
-            float& d = dpt[4 * nt + 2 * h + j];
-            d = e * (d - delta) * scale;
           }
         }
       }
 #pragma unroll
       for (int kc = 0; kc < kRows / 16; ++kc)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          p[kc][i] = pack2<T>(st[8 * kc + 2 * i], st[8 * kc + 2 * i + 1]);
-          ds[kc][i] = pack2<T>(dpt[8 * kc + 2 * i], dpt[8 * kc + 2 * i + 1]);
-        }
+        for (int i = 0; i < 4; ++i) p[kc][i] = pack2<T>(st[8 * kc + 2 * i], st[8 * kc + 2 * i + 1]);
 
       // dV += P^T dO, dK += dS^T Q: dO and Q are [row][d] in shared memory,
       // the MN-major B operand; a k-step is 16 rows = 2048 bytes, the
       // leading byte offset the distance between 64-column blocks.
       const uint32_t desc_do_t = make_desc_lo(sdo, kRows * 128);
       const uint32_t desc_q_t = make_desc_lo(sq, kRows * 128);
+      wgmma_wait<0>();
+      fence_operands(dpt);
       fence_operands(dv);
-      fence_operands(dk);
       wgmma_fence();
       wgmma_rs_tb_steps<T, D>(dv, p, desc_do_t);
+      wgmma_commit();
+
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float delta = s[nt * 8 + 2 * tq + j].delta;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float& d = dpt[4 * nt + 2 * h + j];
+            d = st[4 * nt + 2 * h + j] * (d - delta) * scale;
+          }
+        }
+      }
+#pragma unroll
+      for (int kc = 0; kc < kRows / 16; ++kc)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          ds[kc][i] = pack2<T>(dpt[8 * kc + 2 * i], dpt[8 * kc + 2 * i + 1]);
+      fence_operands(dk);
+      wgmma_fence();
       wgmma_rs_tb_steps<T, D>(dk, ds, desc_q_t);
       wgmma_commit();
-      wgmma_wait_all();
+      wgmma_wait<0>();
       fence_operands(dv);
       fence_operands(dk);
       fence_operands(p);
