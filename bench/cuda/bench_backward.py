@@ -26,6 +26,8 @@ an 80 GB GPU.
   python3 bench/cuda/bench_backward.py --out bwd.json
   python3 bench/cuda/bench_backward.py --configs P --tokens 1048576 --methods moba_fast
   python3 bench/cuda/bench_backward.py --lib build/src/libmoba.so --configs P --methods moba_fast
+  python3 bench/cuda/bench_backward.py --configs P --tokens 1048576 --methods moba_fast --kernels
+      # ... plus the GPU time of each kernel of one more step (torch.profiler): kernel_ms
 
 Large dense cases take minutes: a case runs only when its estimated time (from
 the method's throughput at the previous, smaller case) is within --max-call-s
