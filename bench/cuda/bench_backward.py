@@ -66,7 +66,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forward import Moba as MobaLib
-from bench_forward import Problem, git_commit
+from bench_forward import Problem, git_commit, kernel_times_us
 
 try:
     import moba
@@ -192,28 +192,16 @@ def measure(
 def kernel_ms(
     step: Callable[[Timer], None], device: torch.device, top: int = 8
 ) -> dict[str, float]:
-    """One more step under torch.profiler: the GPU time of each kernel name
-    (summed over its launches, in ms), the ``top`` largest. CUPTI sees every
-    kernel of the process, so this also covers the C API path of ``--lib``.
-    On the CPU (the smoke test) the ops' self times instead."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
-        step(Timer(device))
-        if cuda:
-            torch.cuda.synchronize()
+    """One more step under torch.profiler (bench_forward's kernel_times_us): the
+    GPU time of each kernel (summed over its launches, in ms), the ``top``
+    largest, under short names. CUPTI sees every kernel of the process, so this
+    also covers the C API path of ``--lib``."""
     totals: dict[str, float] = {}
-    for e in prof.events():
-        if cuda and e.device_type != DeviceType.CUDA:
-            continue
+    for full, us in kernel_times_us(lambda: step(Timer(device))).items():
         # "void ns::(anonymous namespace)::kernel<T, 128>(args)" -> "kernel<T, 128>"
-        name = e.name.replace("(anonymous namespace)::", "").removeprefix("void ").split("(")[0]
+        name = full.replace("(anonymous namespace)::", "").removeprefix("void ").split("(")[0]
         base = name.split("<")[0]
         name = (base.rsplit("::", 1)[-1] + name[len(base) :])[:80]
-        us = e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
         totals[name] = totals.get(name, 0.0) + us / 1e3
     largest = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
     return {name: round(ms, 3) for name, ms in largest}
@@ -612,7 +600,7 @@ def main() -> None:
     ap.add_argument(
         "--kernels",
         action="store_true",
-        help="MoBA cases: one more step under torch.profiler, GPU ms per kernel (kernel_ms)",
+        help="MoBA cases on CUDA: one more step under torch.profiler, ms per kernel (kernel_ms)",
     )
     ap.add_argument("--min-reps", type=int, default=1, help="timed steps per case at least")
     ap.add_argument("--max-reps", type=int, default=10, help="timed steps per case at most")
@@ -634,6 +622,8 @@ def main() -> None:
     for m in methods:
         if m not in METHODS:
             raise SystemExit(f"--methods: unknown method {m!r}; expected some of {METHODS}")
+    if args.kernels and device.type != "cuda":
+        raise SystemExit("--kernels: profiles GPU kernels; expected --device cuda")
     if args.min_reps < 1 or args.max_reps < args.min_reps:
         raise SystemExit("--min-reps/--max-reps: expected 1 <= min-reps <= max-reps")
 
