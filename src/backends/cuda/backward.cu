@@ -98,8 +98,11 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
   const bool sm90_dkv =
       detail::bwd_sm90_wanted(plan.dense, plan.block) && detail::bwd_sm90_supported();
   const int key_tile = sm90_dkv ? detail::kBwdSm90KeyTile : detail::kBwdKeyTile;
-  // The query-major dq kernel: the Hopper one under the same switch, unless
-  // MOBA_CUDA_SM90_BWD_DQ=0 keeps it on mma.sync.
+  // The fast mode fuses dq into the Hopper dK/dV kernel (atomics into fp32
+  // sums per chunk) unless MOBA_CUDA_SM90_BWD_FUSED_DQ=0; otherwise the
+  // query-major dq passes run, on the Hopper kernel under the same switch
+  // unless MOBA_CUDA_SM90_BWD_DQ=0 keeps them on mma.sync.
+  const bool fused_dq = sm90_dkv && !deterministic && detail::bwd_sm90_fused_dq_enabled();
   const bool sm90_dq = sm90_dkv && detail::bwd_sm90_dq_enabled();
   if (plan.dense) {
     // Causal attention ignores the blocks; the key-major kernel then walks
@@ -116,10 +119,29 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
   const int64_t dk_off = ws.reserve(acc_elems * 4), dv_off = ws.reserve(acc_elems * 4);
   const int64_t delta_off = ws.reserve(p.total_q * p.heads_q * 4);
   Chunks chunks;
-  int64_t begin_off = 0, sorted_off = 0, sort_tmp_off = 0, part_off = 0;
+  int64_t begin_off = 0, sorted_off = 0, sort_tmp_off = 0, part_off = 0, dq_acc_off = 0;
   int64_t dq_tiles = 0;  // row tiles per chunk of the dq passes
   size_t sort_tmp_bytes = 0;
-  if (routed) {
+  // Fused dq: the fp32 sums of a chunk's rows, 4 D bytes per (row, head);
+  // a row tile's share per entry where entries are routed.
+  const int64_t dq_acc_tile_bytes = int64_t{kTileRows} * p.heads_q * p.head_dim * 4;
+  // Row tiles per chunk of the fused pass; (row, head) indices of a chunk
+  // stay below 2^31 (KvRow::dq).
+  int64_t fused_tiles = 0;
+  const int64_t fused_tiles_max =
+      std::max<int64_t>(1, INT32_MAX / (int64_t{kTileRows} * p.heads_q));
+  if (fused_dq && routed) {
+    // One chunking, of the lists and the sums: no dq partials, no second
+    // routing pass.
+    fused_tiles = std::min(fused_tiles_max,
+                           tiles_per_chunk(p, plan, (p.head_dim * 4 + plan.past - 1) / plan.past));
+    chunks = reserve_chunks(ws, p, plan, fused_tiles);
+    begin_off = ws.reserve(chunks.buckets * 4);
+  } else if (fused_dq) {
+    fused_tiles =
+        std::clamp<int64_t>(partial_budget() / dq_acc_tile_bytes, 1,
+                            std::min(fused_tiles_max, std::max<int64_t>(plan.tiles_bound, 1)));
+  } else if (routed) {
     // The dq passes keep an fp32 partial per entry; the dK/dV pass only the
     // lists (and, deterministic, their sorted copy), so it can take far
     // larger chunks. Every dK/dV chunk reads and writes the fp32
@@ -142,6 +164,7 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
       sort_tmp_off = ws.reserve(static_cast<int64_t>(sort_tmp_bytes));
     }
   }
+  if (fused_dq) dq_acc_off = ws.reserve(fused_tiles * dq_acc_tile_bytes);
   ws.allocate(stream);
   const SeqTable st = seq_table(ws, tables, p.batch);
   prepare(p, plan, ws, tables, stream);
@@ -166,6 +189,13 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
         "cudaMemsetAsync");
   check(cudaMemsetAsync(a.dv_acc, 0, static_cast<size_t>(acc_elems) * 4, stream),
         "cudaMemsetAsync");
+  if (fused_dq) {
+    // Zeroed once; each chunk's store zeroes what it read.
+    a.dq_acc = ws.at<float>(dq_acc_off);
+    check(
+        cudaMemsetAsync(a.dq_acc, 0, static_cast<size_t>(fused_tiles * dq_acc_tile_bytes), stream),
+        "cudaMemsetAsync");
+  }
   check(detail::launch_bwd_delta(elem, a, stream), "launch of the delta kernel");
 
   // Key-major work items: (kv head, block, key tile); CTAs whose tile lies
@@ -185,7 +215,15 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
                    : detail::launch_bwd_dkv(elem, a, dkv_items, stream),
           "launch of the dk/dv kernel");
   };
-  if (!routed) {
+  // Fused dq: dK/dV (and dq's sums) of the chunk, then its dq.
+  const auto dkv_and_dq = [&](int64_t t0, int64_t t1) {
+    dkv(t0, t1);
+    check(detail::launch_bwd_store_dq_chunk(elem, a, stream), "launch of the dq store kernel");
+  };
+  if (!routed && fused_dq) {
+    for (int64_t t0 = 0; t0 < plan.tiles_bound; t0 += fused_tiles)
+      dkv_and_dq(t0, std::min(plan.tiles_bound, t0 + fused_tiles));
+  } else if (!routed) {
     // top_k >= blocks: causal attention; top_k == 1: the current block only.
     const AttnMode mode = plan.dense ? AttnMode::dense : AttnMode::current;
     for_tile_ranges(plan.tiles_bound, p.heads_q, [&](int t0, int t1) {
@@ -209,7 +247,7 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
     a.f.entries = inv.entries;
     a.f.grid = static_cast<int>(
         std::min<int64_t>(chunks.descs_bound, int64_t{2} * multiprocessors(p.device.index)));
-    a.dq_part = ws.at<float>(part_off);
+    a.dq_part = fused_dq ? nullptr : ws.at<float>(part_off);
     // dq of the row tiles [t0, t1): the entries' partials per past block,
     // then each row tile's current block plus its partials.
     const auto dq = [&](int64_t t0, int64_t t1) {
@@ -230,9 +268,18 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
                                                  chunks.buckets, a.seg_begin, a.seg_end, stream),
               "cub::DeviceSegmentedSort::SortKeys");
       }
-      dkv(t0, t1);
+      if (fused_dq)
+        dkv_and_dq(t0, t1);
+      else
+        dkv(t0, t1);
     };
-    if (chunks.tiles == dq_tiles) {
+    if (fused_dq) {
+      for (int64_t t0 = 0; t0 < plan.tiles_bound; t0 += chunks.tiles) {
+        const int64_t t1 = std::min(plan.tiles_bound, t0 + chunks.tiles);
+        route_and_invert(elem, route, inv, t0, t1, stream);
+        lists_and_dkv(t0, t1);
+      }
+    } else if (chunks.tiles == dq_tiles) {
       // One chunking: route and invert once per chunk for both.
       for (int64_t t0 = 0; t0 < plan.tiles_bound; t0 += dq_tiles) {
         const int64_t t1 = std::min(plan.tiles_bound, t0 + dq_tiles);

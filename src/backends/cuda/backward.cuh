@@ -40,6 +40,10 @@ struct BwdArgs {
   const int32_t* lists;
   int key_tiles_per_block;  // ceil(block_size / key tile): kBwdKeyTile, or kBwdSm90KeyTile
   float* dq_part;           // [entries of the chunk][D]: dq of an entry from its past block
+  // Fast mode on Hopper, dq fused into the dK/dV kernel: fp32 dq of the
+  // chunk's rows, [row - first row of the chunk][heads_q][D], added to by
+  // atomics (null otherwise).
+  float* dq_acc;
   void* dq;
   int64_t dq_ts, dq_hs;
   float *dk_acc, *dv_acc;  // [total_k][heads_kv][D], carried across chunks
@@ -56,8 +60,14 @@ cudaError_t launch_bwd_dkv(Elem elem, const BwdArgs& a, int64_t items, cudaStrea
 
 /// The same on Hopper (backward_sm90.cu): one CTA per (kv head, block,
 /// 128-key tile), the same rows in the same order. Only when
-/// bwd_sm90_supported() (sm90_backward_switch.cuh).
+/// bwd_sm90_supported() (sm90_backward_switch.cuh). With a.dq_acc set it
+/// also computes dQ = dS K per row step and adds it to a.dq_acc by fp32
+/// atomics (the fused fast mode; the dq passes then do not run).
 cudaError_t launch_bwd_dkv_sm90(Elem elem, const BwdArgs& a, int64_t items, cudaStream_t stream);
+
+/// dq of the chunk's rows from a.dq_acc (the fused mode's fp32 sums) in the
+/// dtype; zeroes the sums it read, ready for the next chunk.
+cudaError_t launch_bwd_store_dq_chunk(Elem elem, const BwdArgs& a, cudaStream_t stream);
 
 /// Query-major dQ. past: the gathered entries of a descriptor against their
 /// whole block -> dq_part; current: a row tile against its current blocks,

@@ -535,6 +535,41 @@ cudaError_t dq_typed(const BwdArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// The fused mode's dq of a chunk: its rows' fp32 sums (a.dq_acc, relative
+// to the chunk's first row) -> dq in the dtype; the sums read are zeroed for
+// the next chunk. A warp per (row, query head).
+template <class T, int D>
+__global__ void __launch_bounds__(128) store_dq_chunk_kernel(const BwdArgs a) {
+  constexpr int E = D / 32;  // columns per lane
+  const AttnArgs& f = a.f;
+  __shared__ int chunk[2];
+  if (threadIdx.x == 0) chunk_rows(f.seq, f.tile_begin, f.tile_end, &chunk[0], &chunk[1]);
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t n = static_cast<int64_t>(chunk[1] - chunk[0]) * f.heads_q;
+  for (int64_t w = blockIdx.x * int64_t{4} + threadIdx.x / 32; w < n; w += int64_t{gridDim.x} * 4) {
+    const int64_t row = chunk[0] + w / f.heads_q;
+    const int h = static_cast<int>(w % f.heads_q);
+    float* acc = a.dq_acc + w * D + lane * E;
+    T* dst = static_cast<T*>(a.dq) + row * a.dq_ts + h * a.dq_hs + lane * E;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      dst[e] = from_float<T>(acc[e]);
+      acc[e] = 0.0f;
+    }
+  }
+}
+
+template <class T, int D>
+cudaError_t store_dq_chunk_typed(const BwdArgs& a, cudaStream_t stream) {
+  // Rows of the chunk: at most kTileRows per row tile.
+  const int64_t warps = int64_t{a.f.tile_end - a.f.tile_begin} * kTileRows * a.f.heads_q;
+  if (warps <= 0) return cudaSuccess;
+  const int64_t grid = std::min<int64_t>((warps + 3) / 4, 65535);
+  store_dq_chunk_kernel<T, D><<<static_cast<unsigned>(grid), 128, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
 template <class T, int D>
 cudaError_t delta_typed(const BwdArgs& a, cudaStream_t stream) {
   const int64_t warps = a.total_q * a.f.heads_q;
@@ -549,6 +584,12 @@ cudaError_t delta_typed(const BwdArgs& a, cudaStream_t stream) {
 cudaError_t launch_bwd_delta(Elem elem, const BwdArgs& a, cudaStream_t stream) {
   return with_elem_dim(elem, a.f.head_dim, [&]<class T, int D>(ElemDimTag<T, D>) {
     return delta_typed<T, D>(a, stream);
+  });
+}
+
+cudaError_t launch_bwd_store_dq_chunk(Elem elem, const BwdArgs& a, cudaStream_t stream) {
+  return with_elem_dim(elem, a.f.head_dim, [&]<class T, int D>(ElemDimTag<T, D>) {
+    return store_dq_chunk_typed<T, D>(a, stream);
   });
 }
 

@@ -22,7 +22,7 @@ struct KvRow {
   float lse2;       // lse in base 2
   float delta;
   int pos;  // position (causal mask); INT_MAX for past entries, -1 for padding
-  int pad;
+  int dq;   // (row - the chunk's first row) x heads_q + head: its dq_acc row; -1 for padding
 };
 
 // The key tile of a work item: keys [t0, t1) of sequence b (positions within
@@ -128,10 +128,12 @@ __device__ __forceinline__ KvRow kv_row(const BwdArgs& a, const KvRowSource& s, 
              kAttnLog2e;
     x.delta = a.delta[static_cast<int64_t>(row) * f.heads_q + head];
     x.pos = pos;
+    x.dq = (row - s.chunk_row0) * f.heads_q + head;
   } else {
     x.q = x.dout = -1;
     x.lse2 = x.delta = 0.0f;
     x.pos = -1;
+    x.dq = -1;
   }
   return x;
 }

@@ -22,6 +22,18 @@
 //     fp32 per warpgroup) stay in registers for the whole item; the epilogue
 //     adds each key's to the fp32 accumulators, as dkv_kernel does.
 //
+// Fused dq (kFusedDq: the fast mode, a.dq_acc set): each consumer also
+// stores its dS^T to shared memory (key by key, the MN-major A operand of
+// dQ = dS K); after a named barrier over both consumers, warpgroup w computes
+// columns [64 w, 64 w + 64) of the stage's dQ over all 128 keys (K read
+// "transposed" from the tile) and adds them to the rows' fp32 sums in
+// a.dq_acc with 8-byte reductions (FlashAttention-3's scheme). Two dS
+// buffers alternate by stage: a warpgroup writes a buffer again only after
+// the next stage's barrier, which the other passes only after its product on
+// that buffer completed. 5 products per (row, key) pair instead of the dq
+// passes' 3 on top of the 4 here, at the price of the atomics and of a
+// summation order that varies from run to run.
+//
 // Barriers (mbarriers): K/V full (the producer's cp.async arrivals), and per
 // stage full (cp.async arrivals, plus one plain arrival per producer thread
 // after the stage's metadata slots are written: its release orders those
@@ -66,7 +78,9 @@ constexpr size_t kBodyStaticSmem = kNumBars * sizeof(uint64_t) + kStages * kRows
 // 128 bytes, 16-byte chunk c of row r at c ^ (r % 8) (the 128-byte swizzle
 // of the wgmma descriptors, sm90_ptx.cuh); every tile is a multiple of 1024
 // bytes, so with a 1024-aligned base every tile is aligned as it requires.
-template <int D>
+// Fused dq: two dS^T buffers after the stages (128 keys x 64 rows each, a
+// key per 128-byte row).
+template <int D, bool kFusedDq>
 struct DkvSm90Smem {
   static constexpr int kKVBytes = kKeyTile * D * 2;
   static constexpr int kRowBytes = kRows * D * 2;
@@ -74,7 +88,9 @@ struct DkvSm90Smem {
   static constexpr int kV = kK + kKVBytes;
   static constexpr int kStage0 = kV + kKVBytes;      // stage s: Q at kStage0 + s kStageBytes,
   static constexpr int kStageBytes = 2 * kRowBytes;  // dO kRowBytes after it
-  static constexpr int kAlloc = kStage0 + kStages * kStageBytes + 1024;  // slack to align
+  static constexpr int kDs = kStage0 + kStages * kStageBytes;  // buffer b at kDs + b kDsBytes
+  static constexpr int kDsBytes = kKeyTile * kRows * 2;
+  static constexpr int kAlloc = kDs + (kFusedDq ? 2 * kDsBytes : 0) + 1024;  // slack to align
   static_assert(kAlloc + kBodyStaticSmem <= 227 * 1024, "shared memory beyond the sm_90 limit");
 };
 
@@ -117,6 +133,16 @@ __device__ __forceinline__ void producer_sync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kWarpgroupThreads) : "memory");
 }
 
+// Named barrier 2 over both consumer warpgroups (fused dq): the stage's dS^T
+// halves are in shared memory.
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 2, %0;\n" ::"n"(2 * kWarpgroupThreads) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
 struct DkvShared {
   uint32_t base;  // 1024-aligned shared address of the tiles
   uint32_t bars;  // shared address of the barrier array
@@ -127,8 +153,8 @@ struct DkvShared {
 template <class T, int D>
 __device__ void produce(const BwdArgs& a, const KvTile& kt, const DkvShared& sh,
                         const KvRowSource& src, int n_tiles) {
-  using namespace sm90;  // NOLINT(google-build-using-namespace)
-  using L = DkvSm90Smem<D>;
+  using namespace sm90;             // NOLINT(google-build-using-namespace)
+  using L = DkvSm90Smem<D, false>;  // the tiles the producer fills sit alike in both layouts
   const AttnArgs& f = a.f;
   const int tid = static_cast<int>(threadIdx.x);  // 0..127
   {
@@ -175,11 +201,11 @@ __device__ void produce(const BwdArgs& a, const KvTile& kt, const DkvShared& sh,
 // warpgroup, lane = 4 g + tq): element 4 nt + 2 h + j is row 16 w + g + 8 h,
 // column 8 nt + 2 tq + j. Rows are keys here; for S^T and dP^T the columns
 // are the stage's rows, for dK and dV the head dimension.
-template <class T, int D>
+template <class T, int D, bool kFusedDq>
 __device__ void consume(const BwdArgs& a, const KvTile& kt, const DkvShared& sh, int n_tiles,
                         int wg) {
   using namespace sm90;  // NOLINT(google-build-using-namespace)
-  using L = DkvSm90Smem<D>;
+  using L = DkvSm90Smem<D, kFusedDq>;
   constexpr int kNT = kRows / 8;  // n8 column groups of S^T
   const AttnArgs& f = a.f;
   const int tid = static_cast<int>(threadIdx.x) - kWarpgroupThreads;
@@ -199,7 +225,25 @@ __device__ void consume(const BwdArgs& a, const KvTile& kt, const DkvShared& sh,
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.0f;
 
-  if (active) mbar_wait(sh.bar(kBarKV), 0);
+  // Fused dq: this thread's key row of a dS^T buffer (a key per 128 bytes,
+  // 16-byte chunk c of key k at c ^ (k % 8) = c ^ g); this warpgroup's dQ
+  // columns, if any (D 64: warpgroup 0 only), and their K operand.
+  const uint32_t ds_row = sh.base + L::kDs + (wg * kWgKeys + warp * 16 + g) * 128;
+  const bool dq_cols = kFusedDq && wg * 64 < D;
+  const uint32_t desc_k_t = make_desc_lo(sh.base + L::kK + wg * kKeyTile * 128, kKeyTile * 128);
+  if (kFusedDq && !active) {
+    // Idle keys (past the tile's end) enter dQ with dS = 0 on zero K rows;
+    // stale shared memory could hold NaN, so the buffers get zeros once.
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int c = 0; c < 8; ++c)
+          st_shared_u32(ds_row + b * L::kDsBytes + h * 1024 + c * 16 + tq * 4, 0u);
+  }
+
+  if (active || dq_cols) mbar_wait(sh.bar(kBarKV), 0);  // an idle warpgroup's dQ reads K
   int stage = 0;
   uint32_t phase = 0;
   for (int tile = 0; tile < n_tiles; ++tile) {
@@ -285,13 +329,56 @@ __device__ void consume(const BwdArgs& a, const KvTile& kt, const DkvShared& sh,
       wgmma_fence();
       wgmma_rs_tb_steps<T, D>(dk, ds, desc_q_t);
       wgmma_commit();
+      if constexpr (kFusedDq) {
+        // dS^T to shared memory while dK runs: fragment word (kc, i) holds
+        // rows 8 nt + 2 tq (+1) of key 16 warp + g + 8 h, nt = 2 kc + i / 2,
+        // h = i % 2 (the accumulator layout above); 32 distinct banks per
+        // warp store.
+        const uint32_t row = ds_row + (tile & 1) * L::kDsBytes + tq * 4;
+#pragma unroll
+        for (int kc = 0; kc < kRows / 16; ++kc)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int nt = 2 * kc + (i >> 1);
+            st_shared_u32(row + (i & 1) * 1024 + ((nt ^ g) << 4), ds[kc][i]);
+          }
+      }
       wgmma_wait<0>();
       fence_operands(dv);
       fence_operands(dk);
       fence_operands(p);
       fence_operands(ds);
     }
-    mbar_arrive(empty);
+    if constexpr (kFusedDq) {
+      // dQ of the stage's rows 16 warp + g + 8 h, columns 64 wg + 8 nt +
+      // 2 tq + j; their dq_acc rows are read before the stage is released.
+      int dq_row[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) dq_row[h] = sh.slots[stage][warp * 16 + g + 8 * h].dq;
+      mbar_arrive(empty);
+      fence_proxy_async();  // the dS^T stores, for the other warpgroup's wgmma too
+      consumers_sync();
+      if (dq_cols) {
+        float dq[32];
+        wgmma_fence();
+        wgmma_ss_tt_steps<T, 64, kKeyTile / 16>(
+            dq, make_desc_lo(sh.base + L::kDs + (tile & 1) * L::kDsBytes, kKeyTile * 128),
+            desc_k_t);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(dq);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (dq_row[h] < 0) continue;
+          float* dst = a.dq_acc + static_cast<int64_t>(dq_row[h]) * D + wg * 64 + 2 * tq;
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt)
+            red_add_f32x2(dst + 8 * nt, dq[4 * nt + 2 * h], dq[4 * nt + 2 * h + 1]);
+        }
+      }
+    } else {
+      mbar_arrive(empty);
+    }
     if (++stage == kStages) {
       stage = 0;
       phase ^= 1;
@@ -313,7 +400,7 @@ __device__ void consume(const BwdArgs& a, const KvTile& kt, const DkvShared& sh,
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-template <class T, int D>
+template <class T, int D, bool kFusedDq>
 __global__ void __launch_bounds__(kDkvThreads, 1) dkv_sm90_kernel(const BwdArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm90;  // NOLINT(google-build-using-namespace)
@@ -358,17 +445,17 @@ __global__ void __launch_bounds__(kDkvThreads, 1) dkv_sm90_kernel(const BwdArgs 
     produce<T, D>(a, kt, sh, src, n_tiles);
   } else {
     setmaxnreg_inc<kConsumerRegs>();
-    consume<T, D>(a, kt, sh, n_tiles, warpgroup - 1);
+    consume<T, D, kFusedDq>(a, kt, sh, n_tiles, warpgroup - 1);
   }
 #else
   (void)a;
 #endif
 }
 
-template <class T, int D>
+template <class T, int D, bool kFusedDq>
 cudaError_t dkv_sm90_typed(const BwdArgs& a, int64_t items, cudaStream_t stream) {
-  constexpr int smem = DkvSm90Smem<D>::kAlloc;
-  const auto kernel = dkv_sm90_kernel<T, D>;
+  constexpr int smem = DkvSm90Smem<D, kFusedDq>::kAlloc;
+  const auto kernel = dkv_sm90_kernel<T, D, kFusedDq>;
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -384,11 +471,17 @@ ProcessSwitch& bwd_switch() {
   return knob;
 }
 
+// MOBA_CUDA_SM90_BWD_FUSED_DQ and its test override.
+ProcessSwitch& fused_dq_switch() {
+  static ProcessSwitch knob("MOBA_CUDA_SM90_BWD_FUSED_DQ");
+  return knob;
+}
+
 // Whether the loaded code of the kernel is its sm_90a body: only that body
 // declares static shared memory.
 bool dkv_sm90_body_loaded() {
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, dkv_sm90_kernel<__nv_bfloat16, 128>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, dkv_sm90_kernel<__nv_bfloat16, 128, false>) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }
@@ -405,6 +498,14 @@ void set_sm90_backward_override(int allow) {
   bwd_switch().set_override(allow);
 }
 
+bool bwd_sm90_fused_dq_enabled() {
+  return fused_dq_switch().on(kSm90FusedDqByDefault);
+}
+
+void set_sm90_backward_fused_dq_override(int allow) {
+  fused_dq_switch().set_override(allow);
+}
+
 bool bwd_sm90_supported() {
   if (!sm90_attention_supported()) return false;
   // The same answer on every device that passes the check above (they load
@@ -415,7 +516,8 @@ bool bwd_sm90_supported() {
 
 cudaError_t launch_bwd_dkv_sm90(Elem elem, const BwdArgs& a, int64_t items, cudaStream_t stream) {
   return with_elem_dim(elem, a.f.head_dim, [&]<class T, int D>(ElemDimTag<T, D>) {
-    return dkv_sm90_typed<T, D>(a, items, stream);
+    return a.dq_acc != nullptr ? dkv_sm90_typed<T, D, true>(a, items, stream)
+                               : dkv_sm90_typed<T, D, false>(a, items, stream);
   });
 }
 

@@ -44,4 +44,19 @@ bool bwd_sm90_dq_enabled();
 /// it to switch the dK/dV kernel alone; same caveat as above.
 void set_sm90_backward_dq_override(int allow);
 
+/// Whether the fast mode fuses dq into the Hopper dK/dV kernel by default
+/// (dQ = dS K per row step, added to fp32 sums by atomics; the dq passes
+/// then do not run): docs/cuda_backward.md, "Fused dq".
+inline constexpr bool kSm90FusedDqByDefault = true;
+
+/// Whether a fast-mode backward that runs the Hopper dK/dV kernel fuses dq
+/// into it: MOBA_CUDA_SM90_BWD_FUSED_DQ=0 (or the override 0) keeps the dq
+/// passes, =1 (or 1) fuses; unset, kSm90FusedDqByDefault decides. The
+/// deterministic mode never fuses (the atomics' order varies).
+bool bwd_sm90_fused_dq_enabled();
+
+/// Overrides MOBA_CUDA_SM90_BWD_FUSED_DQ for this process: 0 forbids, 1
+/// allows, -1 goes back to the environment's choice; same caveat as above.
+void set_sm90_backward_fused_dq_override(int allow);
+
 }  // namespace moba::backends::cuda::detail

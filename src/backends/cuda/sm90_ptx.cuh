@@ -436,6 +436,75 @@ __device__ __forceinline__ void wgmma_rs_tb_steps(float (&d)[N / 2], const uint3
   for (int kc = 0; kc < kSteps; ++kc) wgmma_rs_tb<T, N>(d, a[kc], desc_b + ((kc * 16 * 128) >> 4));
 }
 
+// D(64 x N, fp32) {=, +=} A(64 x 16) B(16 x N) with both operands MN-major
+// ("transposed") in shared memory: the fused dQ = dS K of the backward
+// (backward_sm90.cu), dS stored key by key (rows of 64 query rows) and K row
+// by row. Descriptors as for the MN-major B above: with M = N = 64 one
+// column block each, so only the start address and the stride (1024 bytes
+// between groups of 8 rows of the reduction dimension) matter.
+template <class T, int N>
+__device__ __forceinline__ void wgmma_ss_tt(float (&d)[N / 2], uint32_t desc_a, uint32_t desc_b,
+                                            int scale_d);
+
+template <>
+__device__ __forceinline__ void wgmma_ss_tt<__nv_bfloat16, 64>(float (&d)[32], uint32_t desc_a,
+                                                               uint32_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .b64 da, db;\n"
+      "mov.b64 da, {%32, %34};\nmov.b64 db, {%33, %34};\n"
+      "setp.ne.b32 p, %35, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, da, db, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(desc_a), "r"(desc_b), "n"(kDescHi), "r"(scale_d));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_ss_tt<__half, 64>(float (&d)[32], uint32_t desc_a,
+                                                        uint32_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .b64 da, db;\n"
+      "mov.b64 da, {%32, %34};\nmov.b64 db, {%33, %34};\n"
+      "setp.ne.b32 p, %35, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, da, db, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(desc_a), "r"(desc_b), "n"(kDescHi), "r"(scale_d));
+}
+
+// d {=, +=} A B over kSteps k-steps of 16 rows of both MN-major tiles (2048
+// bytes each); the first k-step overwrites d. Issued only.
+template <class T, int N, int kSteps>
+__device__ __forceinline__ void wgmma_ss_tt_steps(float (&d)[N / 2], uint32_t desc_a,
+                                                  uint32_t desc_b) {
+#pragma unroll
+  for (int kc = 0; kc < kSteps; ++kc)
+    wgmma_ss_tt<T, N>(d, desc_a + ((kc * 16 * 128) >> 4), desc_b + ((kc * 16 * 128) >> 4),
+                      kc > 0 ? 1 : 0);
+}
+
+// ---- global reductions ----
+
+// p[0] += x, p[1] += y as one 8-byte reduction in L2 (relaxed, gpu scope; p
+// 8-byte aligned); no value comes back, so the thread does not wait for it.
+__device__ __forceinline__ void red_add_f32x2(float* p, float x, float y) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+}
+
 }  // namespace moba::backends::cuda::detail::sm90
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -20,10 +20,26 @@
 #include <vector>
 
 #include "backends/cuda/cuda_testing.hpp"
+#include "backends/cuda/sm90_backward_switch.cuh"
 #include "support/testing.hpp"
 
 namespace moba::testing {
 namespace {
+
+namespace cuda_detail = ::moba::backends::cuda::detail;
+
+// Pins whether the fast mode fuses dq into the Hopper dK/dV kernel (where
+// that kernel runs) while alive; afterwards MOBA_CUDA_SM90_BWD_FUSED_DQ
+// decides.
+class PinFusedDq {
+ public:
+  explicit PinFusedDq(bool fused) {
+    cuda_detail::set_sm90_backward_fused_dq_override(fused ? 1 : 0);
+  }
+  ~PinFusedDq() { cuda_detail::set_sm90_backward_fused_dq_override(-1); }
+  PinFusedDq(const PinFusedDq&) = delete;
+  PinFusedDq& operator=(const PinFusedDq&) = delete;
+};
 
 struct Grads {
   Tensor dq, dk, dv;
@@ -233,18 +249,28 @@ TEST(CudaBackward, RandomCasesMatchReference) {
       expect_gradients_match(random_case(rng, dtype, {64, 128}, 200), i % 2 == 0);
 }
 
-// Deterministic mode: two runs bitwise equal. The fast mode's dq uses the
-// same fixed order, so it is bitwise equal too (only dK/dV use atomics).
+// The fast mode with dq fused into the Hopper dK/dV kernel pinned on or off.
+Grads fast_backward(const BackwardRun& run, bool fused_dq) {
+  const PinFusedDq pin(fused_dq);
+  return run.backward(false);
+}
+
+// Deterministic mode: two runs bitwise equal. The fast mode's dq passes use
+// the same fixed order, so their dq is bitwise equal too (only dK/dV use
+// atomics); dq fused into the Hopper dK/dV kernel (atomics) is equal within
+// rounding.
 void expect_deterministic_reproducible(const Case& c) {
   SCOPED_TRACE(describe(c));
   const Workload w = make_workload(c);
   BackwardRun run(w);
   run.forward();
-  const Grads a = run.backward(true), b = run.backward(true), fast = run.backward(false);
+  const Grads a = run.backward(true), b = run.backward(true);
+  const Grads fast = fast_backward(run, false), fused = fast_backward(run, true);
   EXPECT_TRUE(bitwise_equal(a.dq, b.dq));
   EXPECT_TRUE(bitwise_equal(a.dk, b.dk));
   EXPECT_TRUE(bitwise_equal(a.dv, b.dv));
   EXPECT_TRUE(bitwise_equal(a.dq, fast.dq));
+  EXPECT_LE(scaled_error(fused.dq, a.dq, c.heads_q, c.head_dim, {}, "dq"), 1e-2);
 }
 
 TEST(CudaBackward, DeterministicModeIsBitwiseReproducible) {
@@ -268,11 +294,13 @@ void expect_many_chunks_match_one_chunk(const Case& c) {
   for (const char* budget : {"1", "100000"}) {
     SCOPED_TRACE(std::string("MOBA_CUDA_PARTIAL_BYTES=") + budget);
     setenv("MOBA_CUDA_PARTIAL_BYTES", budget, 1);
-    const Grads many = run.backward(true), many_fast = run.backward(false);
+    const Grads many = run.backward(true), many_fast = fast_backward(run, false),
+                many_fused = fast_backward(run, true);
     unsetenv("MOBA_CUDA_PARTIAL_BYTES");
     EXPECT_TRUE(bitwise_equal(one.dq, many.dq));
     EXPECT_TRUE(bitwise_equal(one.dq, many_fast.dq));
-    for (const Grads* g : {&many, &many_fast}) {
+    EXPECT_LE(scaled_error(many_fused.dq, one.dq, c.heads_q, c.head_dim, {}, "dq"), 1e-2);
+    for (const Grads* g : {&many, &many_fast, &many_fused}) {
       EXPECT_LE(scaled_error(g->dk, one.dk, c.heads_kv, c.head_dim, {}, "dk"), 1e-2);
       EXPECT_LE(scaled_error(g->dv, one.dv, c.heads_kv, c.head_dim, {}, "dv"), 1e-2);
     }
@@ -345,19 +373,16 @@ TEST(CudaBackward, RejectsWhatItDoesNotSupport) {
 // test_cuda_backward --gtest_filter='CudaBackwardSm90.*'
 #include <cstdio>
 
-#include "backends/cuda/sm90_backward_switch.cuh"
-
 namespace moba::testing {
 namespace {
 
-namespace cuda_detail = ::moba::backends::cuda::detail;
-
 // Pins the kernels while alive: the dK/dV kernel, and where it is the Hopper
-// one, the dq kernel; afterwards MOBA_CUDA_SM90_BWD and
-// MOBA_CUDA_SM90_BWD_DQ decide.
+// one, the dq kernel and whether the fast mode fuses dq into it (then the
+// dq kernel does not run in that mode); afterwards MOBA_CUDA_SM90_BWD,
+// MOBA_CUDA_SM90_BWD_DQ and MOBA_CUDA_SM90_BWD_FUSED_DQ decide.
 class PinBackwardKernels {
  public:
-  PinBackwardKernels(bool sm90_dkv, bool sm90_dq) {
+  PinBackwardKernels(bool sm90_dkv, bool sm90_dq, bool fused_dq) : fused_(fused_dq) {
     cuda_detail::set_sm90_backward_override(sm90_dkv ? 1 : 0);
     cuda_detail::set_sm90_backward_dq_override(sm90_dq ? 1 : 0);
   }
@@ -367,11 +392,14 @@ class PinBackwardKernels {
   }
   PinBackwardKernels(const PinBackwardKernels&) = delete;
   PinBackwardKernels& operator=(const PinBackwardKernels&) = delete;
+
+ private:
+  PinFusedDq fused_;
 };
 
-// Every backward on Hopper kernels only.
+// Every backward on Hopper kernels only, the fast mode with fused dq.
 struct PinHopper : PinBackwardKernels {
-  PinHopper() : PinBackwardKernels(true, true) {}
+  PinHopper() : PinBackwardKernels(true, true, true) {}
 };
 
 #define SKIP_WITHOUT_SM90_BWD()           \
@@ -412,12 +440,14 @@ const NamedCase kSm90Cases[] = {
 };
 
 // The kernels on one workload (same routing): mma.sync only, the Hopper
-// dK/dV kernel with the mma.sync dq kernel, Hopper only.
+// dK/dV kernel with the mma.sync dq kernel, Hopper only, and (fast mode)
+// Hopper with dq fused into the dK/dV kernel.
 //   dK/dV: Hopper within the tolerance of mma.sync;
 //   dq with only dK/dV switched: bitwise equal (dq does not depend on the
 //   dK/dV kernel);
 //   dq on the Hopper kernel: within the tolerance of mma.sync (the products
 //   sum in another order, so P and dS may round differently);
+//   fused: dq, dK and dV within the tolerance of mma.sync;
 //   deterministic: dK/dV bitwise equal whichever dq kernel ran.
 void expect_kernels_agree(const char* name, const Case& c, bool deterministic) {
   SCOPED_TRACE(std::string(name) + ": " + describe(c) +
@@ -425,12 +455,12 @@ void expect_kernels_agree(const char* name, const Case& c, bool deterministic) {
   const Workload w = make_workload(c);
   BackwardRun run(w);
   run.forward();
-  const auto with_kernels = [&](bool sm90_dkv, bool sm90_dq) {
-    const PinBackwardKernels pin(sm90_dkv, sm90_dq);
+  const auto with_kernels = [&](bool sm90_dkv, bool sm90_dq, bool fused_dq) {
+    const PinBackwardKernels pin(sm90_dkv, sm90_dq, fused_dq);
     return run.backward(deterministic);
   };
-  const Grads mma = with_kernels(false, false), dkv = with_kernels(true, false),
-              sm90 = with_kernels(true, true);
+  const Grads mma = with_kernels(false, false, false), dkv = with_kernels(true, false, false),
+              sm90 = with_kernels(true, true, false);
   const double ek = scaled_error(dkv.dk, mma.dk, c.heads_kv, c.head_dim, {}, "dk");
   const double ev = scaled_error(dkv.dv, mma.dv, c.heads_kv, c.head_dim, {}, "dv");
   const double eq = scaled_error(sm90.dq, mma.dq, c.heads_q, c.head_dim, {}, "dq");
@@ -441,6 +471,16 @@ void expect_kernels_agree(const char* name, const Case& c, bool deterministic) {
   EXPECT_LE(ev, tol);
   EXPECT_LE(eq, tol);
   EXPECT_TRUE(bitwise_equal(dkv.dq, mma.dq));
+  if (!deterministic) {
+    const Grads fused = with_kernels(true, true, true);
+    const double fq = scaled_error(fused.dq, mma.dq, c.heads_q, c.head_dim, {}, "dq");
+    const double fk = scaled_error(fused.dk, mma.dk, c.heads_kv, c.head_dim, {}, "dk");
+    const double fv = scaled_error(fused.dv, mma.dv, c.heads_kv, c.head_dim, {}, "dv");
+    std::printf("[ fused vs mma.sync] %-36s fast dk %.3e dv %.3e dq %.3e\n", name, fk, fv, fq);
+    EXPECT_LE(fq, tol);
+    EXPECT_LE(fk, tol);
+    EXPECT_LE(fv, tol);
+  }
   if (deterministic) {
     EXPECT_TRUE(bitwise_equal(sm90.dk, dkv.dk));
     EXPECT_TRUE(bitwise_equal(sm90.dv, dkv.dv));
@@ -481,11 +521,12 @@ TEST(CudaBackwardSm90, DeterministicModeIsBitwiseReproducible) {
 
 // dq on the Hopper kernel over the Hopper shapes: bitwise reproducible, and
 // the fast mode's bitwise equal to the deterministic mode's (each dq is a
-// fixed-order sum; the order of the entry lists does not enter it).
+// fixed-order sum; the order of the entry lists does not enter it). The
+// fused dq is not run here (its atomics sum in any order).
 TEST(CudaBackwardSm90, DqIsBitwiseReproducible) {
   SKIP_WITHOUT_SM90_BWD();
   ASSERT_TRUE(sm90_dq_kernel_runs());
-  const PinHopper pin;
+  const PinBackwardKernels pin(true, true, false);
   for (const NamedCase& nc : kSm90Cases) {
     SCOPED_TRACE(std::string(nc.name) + ": " + describe(nc.c));
     const Workload w = make_workload(nc.c);
