@@ -365,12 +365,13 @@ __device__ __forceinline__ void wgmma_rs_tb<__half, 128>(float (&d)[64], const u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(desc_b), "n"(kDescHi), "r"(1));
 }
 
-// D(64 x 64) += A B^T with both operands K-major in shared memory: the
-// backward's S^T = K Q^T and dP^T = V dO^T per 64-key warpgroup and 64-row
-// stage (backward_sm90.cu).
-template <>
-__device__ __forceinline__ void wgmma_ss<__nv_bfloat16, 64>(float (&d)[32], uint32_t desc_a,
-                                                            uint32_t desc_b, int scale_d) {
+// D(64 x 64) {=, +=} A B with both operands in shared memory, both K-major
+// (kTranspose 0: the backward's S^T = K Q^T and dP^T = V dO^T per 64-key
+// warpgroup and 64-row stage) or both MN-major (1: its fused dQ = dS K),
+// one asm per input type.
+template <int kTranspose>
+__device__ __forceinline__ void wgmma_ss_n64_bf16(float (&d)[32], uint32_t desc_a, uint32_t desc_b,
+                                                  int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\n.reg .b64 da, db;\n"
       "mov.b64 da, {%32, %34};\nmov.b64 db, {%33, %34};\n"
@@ -379,18 +380,18 @@ __device__ __forceinline__ void wgmma_ss<__nv_bfloat16, 64>(float (&d)[32], uint
       "{"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
       "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, da, db, p, 1, 1, 0, 0;\n}\n"
+      "}, da, db, p, 1, 1, %36, %36;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
         "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
         "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
         "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
         "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(desc_a), "r"(desc_b), "n"(kDescHi), "r"(scale_d));
+      : "r"(desc_a), "r"(desc_b), "n"(kDescHi), "r"(scale_d), "n"(kTranspose));
 }
 
-template <>
-__device__ __forceinline__ void wgmma_ss<__half, 64>(float (&d)[32], uint32_t desc_a,
-                                                     uint32_t desc_b, int scale_d) {
+template <int kTranspose>
+__device__ __forceinline__ void wgmma_ss_n64_f16(float (&d)[32], uint32_t desc_a, uint32_t desc_b,
+                                                 int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\n.reg .b64 da, db;\n"
       "mov.b64 da, {%32, %34};\nmov.b64 db, {%33, %34};\n"
@@ -399,13 +400,24 @@ __device__ __forceinline__ void wgmma_ss<__half, 64>(float (&d)[32], uint32_t de
       "{"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
       "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, da, db, p, 1, 1, 0, 0;\n}\n"
+      "}, da, db, p, 1, 1, %36, %36;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
         "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
         "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
         "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
         "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(desc_a), "r"(desc_b), "n"(kDescHi), "r"(scale_d));
+      : "r"(desc_a), "r"(desc_b), "n"(kDescHi), "r"(scale_d), "n"(kTranspose));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_ss<__nv_bfloat16, 64>(float (&d)[32], uint32_t desc_a,
+                                                            uint32_t desc_b, int scale_d) {
+  wgmma_ss_n64_bf16<0>(d, desc_a, desc_b, scale_d);
+}
+template <>
+__device__ __forceinline__ void wgmma_ss<__half, 64>(float (&d)[32], uint32_t desc_a,
+                                                     uint32_t desc_b, int scale_d) {
+  wgmma_ss_n64_f16<0>(d, desc_a, desc_b, scale_d);
 }
 
 // A whole product over K = D on 128-byte-swizzled K-major tiles (column
@@ -445,45 +457,15 @@ __device__ __forceinline__ void wgmma_rs_tb_steps(float (&d)[N / 2], const uint3
 template <class T, int N>
 __device__ __forceinline__ void wgmma_ss_tt(float (&d)[N / 2], uint32_t desc_a, uint32_t desc_b,
                                             int scale_d);
-
 template <>
 __device__ __forceinline__ void wgmma_ss_tt<__nv_bfloat16, 64>(float (&d)[32], uint32_t desc_a,
                                                                uint32_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n.reg .b64 da, db;\n"
-      "mov.b64 da, {%32, %34};\nmov.b64 db, {%33, %34};\n"
-      "setp.ne.b32 p, %35, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
-      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, da, db, p, 1, 1, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
-        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(desc_a), "r"(desc_b), "n"(kDescHi), "r"(scale_d));
+  wgmma_ss_n64_bf16<1>(d, desc_a, desc_b, scale_d);
 }
-
 template <>
 __device__ __forceinline__ void wgmma_ss_tt<__half, 64>(float (&d)[32], uint32_t desc_a,
                                                         uint32_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n.reg .b64 da, db;\n"
-      "mov.b64 da, {%32, %34};\nmov.b64 db, {%33, %34};\n"
-      "setp.ne.b32 p, %35, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
-      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, da, db, p, 1, 1, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
-        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(desc_a), "r"(desc_b), "n"(kDescHi), "r"(scale_d));
+  wgmma_ss_n64_f16<1>(d, desc_a, desc_b, scale_d);
 }
 
 // d {=, +=} A B over kSteps k-steps of 16 rows of both MN-major tiles (2048
