@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -409,15 +410,24 @@ __device__ __forceinline__ void wgmma_ss_n64_f16(float (&d)[32], uint32_t desc_a
       : "r"(desc_a), "r"(desc_b), "n"(kDescHi), "r"(scale_d), "n"(kTranspose));
 }
 
+template <class T, int kTranspose>
+__device__ __forceinline__ void wgmma_ss_n64(float (&d)[32], uint32_t desc_a, uint32_t desc_b,
+                                             int scale_d) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    wgmma_ss_n64_bf16<kTranspose>(d, desc_a, desc_b, scale_d);
+  else
+    wgmma_ss_n64_f16<kTranspose>(d, desc_a, desc_b, scale_d);
+}
+
 template <>
 __device__ __forceinline__ void wgmma_ss<__nv_bfloat16, 64>(float (&d)[32], uint32_t desc_a,
                                                             uint32_t desc_b, int scale_d) {
-  wgmma_ss_n64_bf16<0>(d, desc_a, desc_b, scale_d);
+  wgmma_ss_n64<__nv_bfloat16, 0>(d, desc_a, desc_b, scale_d);
 }
 template <>
 __device__ __forceinline__ void wgmma_ss<__half, 64>(float (&d)[32], uint32_t desc_a,
                                                      uint32_t desc_b, int scale_d) {
-  wgmma_ss_n64_f16<0>(d, desc_a, desc_b, scale_d);
+  wgmma_ss_n64<__half, 0>(d, desc_a, desc_b, scale_d);
 }
 
 // A whole product over K = D on 128-byte-swizzled K-major tiles (column
@@ -456,16 +466,9 @@ __device__ __forceinline__ void wgmma_rs_tb_steps(float (&d)[N / 2], const uint3
 // between groups of 8 rows of the reduction dimension) matter.
 template <class T, int N>
 __device__ __forceinline__ void wgmma_ss_tt(float (&d)[N / 2], uint32_t desc_a, uint32_t desc_b,
-                                            int scale_d);
-template <>
-__device__ __forceinline__ void wgmma_ss_tt<__nv_bfloat16, 64>(float (&d)[32], uint32_t desc_a,
-                                                               uint32_t desc_b, int scale_d) {
-  wgmma_ss_n64_bf16<1>(d, desc_a, desc_b, scale_d);
-}
-template <>
-__device__ __forceinline__ void wgmma_ss_tt<__half, 64>(float (&d)[32], uint32_t desc_a,
-                                                        uint32_t desc_b, int scale_d) {
-  wgmma_ss_n64_f16<1>(d, desc_a, desc_b, scale_d);
+                                            int scale_d) {
+  static_assert(N == 64, "only the m64n64 shape is wrapped");
+  wgmma_ss_n64<T, 1>(d, desc_a, desc_b, scale_d);
 }
 
 // d {=, +=} A B over kSteps k-steps of 16 rows of both MN-major tiles (2048
