@@ -214,15 +214,13 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
     check(sm90_dkv ? detail::launch_bwd_dkv_sm90(elem, a, dkv_items, stream)
                    : detail::launch_bwd_dkv(elem, a, dkv_items, stream),
           "launch of the dk/dv kernel");
-  };
-  // Fused dq: dK/dV (and dq's sums) of the chunk, then its dq.
-  const auto dkv_and_dq = [&](int64_t t0, int64_t t1) {
-    dkv(t0, t1);
-    check(detail::launch_bwd_store_dq_chunk(elem, a, stream), "launch of the dq store kernel");
+    // Fused dq: the kernel summed the chunk's dq; write it.
+    if (fused_dq)
+      check(detail::launch_bwd_store_dq_chunk(elem, a, stream), "launch of the dq store kernel");
   };
   if (!routed && fused_dq) {
     for (int64_t t0 = 0; t0 < plan.tiles_bound; t0 += fused_tiles)
-      dkv_and_dq(t0, std::min(plan.tiles_bound, t0 + fused_tiles));
+      dkv(t0, std::min(plan.tiles_bound, t0 + fused_tiles));
   } else if (!routed) {
     // top_k >= blocks: causal attention; top_k == 1: the current block only.
     const AttnMode mode = plan.dense ? AttnMode::dense : AttnMode::current;
@@ -268,18 +266,9 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
                                                  chunks.buckets, a.seg_begin, a.seg_end, stream),
               "cub::DeviceSegmentedSort::SortKeys");
       }
-      if (fused_dq)
-        dkv_and_dq(t0, t1);
-      else
-        dkv(t0, t1);
+      dkv(t0, t1);
     };
-    if (fused_dq) {
-      for (int64_t t0 = 0; t0 < plan.tiles_bound; t0 += chunks.tiles) {
-        const int64_t t1 = std::min(plan.tiles_bound, t0 + chunks.tiles);
-        route_and_invert(elem, route, inv, t0, t1, stream);
-        lists_and_dkv(t0, t1);
-      }
-    } else if (chunks.tiles == dq_tiles) {
+    if (!fused_dq && chunks.tiles == dq_tiles) {
       // One chunking: route and invert once per chunk for both.
       for (int64_t t0 = 0; t0 < plan.tiles_bound; t0 += dq_tiles) {
         const int64_t t1 = std::min(plan.tiles_bound, t0 + dq_tiles);
@@ -288,10 +277,13 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
         lists_and_dkv(t0, t1);
       }
     } else {
-      for (int64_t t0 = 0; t0 < plan.tiles_bound; t0 += dq_tiles) {
-        const int64_t t1 = std::min(plan.tiles_bound, t0 + dq_tiles);
-        route_and_invert(elem, route, inv, t0, t1, stream);
-        dq(t0, t1);
+      // Fused dq: no dq passes, one chunking.
+      if (!fused_dq) {
+        for (int64_t t0 = 0; t0 < plan.tiles_bound; t0 += dq_tiles) {
+          const int64_t t1 = std::min(plan.tiles_bound, t0 + dq_tiles);
+          route_and_invert(elem, route, inv, t0, t1, stream);
+          dq(t0, t1);
+        }
       }
       for (int64_t t0 = 0; t0 < plan.tiles_bound; t0 += chunks.tiles) {
         const int64_t t1 = std::min(plan.tiles_bound, t0 + chunks.tiles);
