@@ -277,7 +277,8 @@ void backward(const core::Problem& p, const core::Rows& out, const core::Rows& d
         lists_and_dkv(t0, t1);
       }
     } else {
-      // Fused dq: no dq passes, one chunking.
+      // Two chunkings: the dq passes in theirs, then the dK/dV pass in its
+      // own. Fused dq: no dq passes, only the dK/dV chunks.
       if (!fused_dq) {
         for (int64_t t0 = 0; t0 < plan.tiles_bound; t0 += dq_tiles) {
           const int64_t t1 = std::min(plan.tiles_bound, t0 + dq_tiles);
